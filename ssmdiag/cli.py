@@ -1,0 +1,93 @@
+"""The `ssmdiag` command line: registers one command per module, and is the ONLY place errors become exit codes.
+
+User-fixable problems (SsmdiagError) print `Error: …` and `Hint: …` on stderr and exit 1; usage errors exit 2
+(Typer's own); anything else is a bug and keeps its traceback. `SSMDIAG_DEBUG=1` shows tracebacks always.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import sys
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from . import __version__
+from .errors import SsmdiagError
+
+# (command name, module under ssmdiag.commands, one-line help)
+COMMANDS: list[tuple[str, str, str]] = [
+    ("info", "info", "Describe a checkpoint: family, sizes, A and Ā = exp(Δ·A) per layer."),
+    ("presets", "presets", "List the built-in architecture presets usable with --init random."),
+]
+
+app = typer.Typer(
+    name="ssmdiag",
+    help="Diagnose recency and over-smoothing in state-space-model checkpoints (Mamba, Mamba-2, Pythia baselines).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def report_error(exc: SsmdiagError) -> None:
+    """Print a user error as one `Error:` line and an optional `Hint:` line on stderr."""
+    message = " ".join(str(exc.message).split())
+    print(f"Error: {message}", file=sys.stderr)
+    if exc.hint:
+        print(f"Hint: {' '.join(str(exc.hint).split())}", file=sys.stderr)
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Wrap a command so SsmdiagError exits 1 with a clean message (traceback with SSMDIAG_DEBUG=1)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SsmdiagError as exc:
+            if os.environ.get("SSMDIAG_DEBUG") == "1":
+                raise
+            report_error(exc)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            print("Interrupted.", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _register() -> None:
+    for name, module, help_text in COMMANDS:
+        mod = importlib.import_module(f"ssmdiag.commands.{module}")
+        app.command(name, help=help_text)(handle_errors(mod.main))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ssmdiag {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+) -> None:
+    """Diagnose recency and over-smoothing in state-space-model checkpoints."""
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":  # `python -m ssmdiag.cli`
+    main()

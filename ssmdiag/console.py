@@ -1,0 +1,80 @@
+"""Terminal output: tables and JSON on stdout; progress bars and log lines on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .results import to_jsonable
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence progress bars and log lines (tables/JSON on stdout are unaffected)."""
+    global _quiet
+    _quiet = quiet
+
+
+def log(message: str) -> None:
+    """One line on stderr (suppressed by --quiet)."""
+    if not _quiet:
+        err.print(message, highlight=False)
+
+
+def warn(message: str) -> None:
+    """A fallback or caveat: always one line on stderr."""
+    print(f"ssmdiag: {message}", file=sys.stderr)
+
+
+@contextmanager
+def progress(description: str, total: int | None) -> Iterator[Any]:
+    """A rich progress bar on stderr; yields an `advance(n=1)` callable. Disabled by --quiet."""
+    if _quiet or total is None:
+        yield lambda n=1: None
+        return
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=err, transient=True)
+    with bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
+    """A rich table with string cells."""
+    t = Table(title=title, title_justify="left")
+    for col in columns:
+        t.add_column(col, overflow="fold")
+    for row in rows:
+        t.add_row(*("—" if v is None else str(v) for v in row))
+    return t
+
+
+def emit(doc: Any, tables: Iterable[Table] = (), as_json: bool = False) -> None:
+    """Print the result: JSON (`--json`) or the tables."""
+    if as_json:
+        sys.stdout.write(json.dumps(to_jsonable(doc), indent=2) + "\n")
+        return
+    for t in tables:
+        out.print(t)
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """Compact number formatting for tables."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.{max(digits - 1, 1)}e}"
+        return f"{value:.{digits}g}"
+    return str(value)

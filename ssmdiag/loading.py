@@ -1,0 +1,374 @@
+"""The only code that turns a model spec into (model, tokenizer, adapter).
+
+A spec is a local directory (HF format or the original state-spaces format), a hub id, or a built-in
+preset name (`--init random`: the published architecture with fresh weights, no download).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import original_format
+from .adapters import SUPPORTED_FAMILIES, Adapter, family_of, get_adapter
+from .errors import SsmdiagError
+from .presets import Preset, all_presets, build_config, find_preset
+from .results import slugify
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for diagnosis, with where it came from."""
+
+    model: nn.Module
+    tokenizer: Any | None
+    adapter: Adapter
+    spec: str
+    name: str
+    family: str
+    source: str  # "local" | "original" | "hub" | "preset"
+    revision: str | None
+    weights_hash: str | None
+    dtype: torch.dtype
+    device: torch.device
+    config: Any
+    backend: str = "hf"
+    notes: list[str] = field(default_factory=list)
+
+
+def quiet_transformers() -> None:
+    """transformers' own progress bars and kernel-fallback warnings would drown our stderr; ssmdiag reports its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# --- devices and dtypes -----------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; refuse cuda without a GPU."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SsmdiagError(f"unknown device '{device}'", hint="use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SsmdiagError(f"device '{device}' requested but no CUDA GPU is available",
+                               hint="use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SsmdiagError(f"device '{device}' does not exist ({torch.cuda.device_count()} GPU(s) visible)")
+    elif dev.type != "cpu":
+        raise SsmdiagError(f"unsupported device '{device}'", hint="use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(dtype: str, config: Any = None) -> torch.dtype:
+    """'auto' -> the checkpoint's own dtype when it states one, else float32."""
+    dtype = (dtype or "auto").lower()
+    if dtype == "auto":
+        stated = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) if config is not None else None
+        if isinstance(stated, torch.dtype):
+            return stated
+        return DTYPES.get(str(stated).replace("torch.", ""), torch.float32)
+    if dtype not in DTYPES:
+        raise SsmdiagError(f"unknown dtype '{dtype}'", hint="use auto, float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+# --- spec resolution --------------------------------------------------------------------------
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+
+
+def _download(repo_id: str, preset: Preset | None) -> tuple[Path, str | None]:
+    """Fetch a hub repo's config, weights and tokenizer into the local cache; return (dir, commit)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError)
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        raise SsmdiagError("huggingface_hub is missing", hint="pip install huggingface_hub") from None
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not any(p.suffix == ".safetensors" for p in path.iterdir()):
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin"]))
+    except RepositoryNotFoundError:
+        raise SsmdiagError(f"'{repo_id}' is not a local path and no hub repository of that name exists",
+                           hint="check the spelling, or pass a local checkpoint directory") from None
+    except (LocalEntryNotFoundError, EntryNotFoundError, OSError) as exc:
+        hint = (f"the hub is offline or unreachable; `--init random` builds the {preset.name} architecture with "
+                "fresh weights offline" if preset else "pass a local checkpoint directory, or allow hub access")
+        raise SsmdiagError(f"cannot download '{repo_id}' ({type(exc).__name__})", hint=hint) from None
+    commit = path.name if len(path.name) == 40 else None
+    return path, commit
+
+
+def _weights_fingerprint(directory: Path) -> str | None:
+    """sha256 over each weight file's name, size and first/last MiB (fast even for 14 GB checkpoints)."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return "sha256-fp:" + h.hexdigest()[:32]
+
+
+def _check_local_dir(path: Path) -> str:
+    """Classify a directory: 'hf' or 'original'; raise a clear error if it is neither."""
+    if not path.exists():
+        raise SsmdiagError(f"path '{path}' does not exist", hint="pass a checkpoint directory, hub id or preset name")
+    if not path.is_dir():
+        raise SsmdiagError(f"'{path}' is a file, not a checkpoint directory",
+                           hint="pass the directory holding config.json and the weights")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise SsmdiagError(f"'{path}' is not a checkpoint: it has no config.json",
+                           hint="pass a directory written by save_pretrained or an original state-spaces checkpoint")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SsmdiagError(f"'{cfg_file}' is not valid JSON ({exc})") from None
+    if not any(p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json") for p in path.iterdir()):
+        raise SsmdiagError(f"'{path}' has a config.json but no weights (*.safetensors or *.bin)")
+    if "model_type" in cfg:
+        return "hf"
+    if "d_model" in cfg and "n_layer" in cfg:
+        return "original"
+    raise SsmdiagError(f"'{path}/config.json' is neither a transformers config (no model_type) "
+                       "nor an original state-spaces config (no d_model/n_layer)")
+
+
+def _check_family(config: Any, spec: str) -> str:
+    family = family_of(config)
+    model_type = getattr(config, "model_type", "?")
+    if family == "other":
+        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise SsmdiagError(
+                f"unsupported architecture '{model_type}' in {spec}",
+                hint=f"supported: {', '.join(SUPPORTED_FAMILIES)} and any transformers causal LM "
+                     "(for metrics that need no SSM internals)")
+    return family
+
+
+def _load_tokenizer(source: str | Path | None, quiet_missing: bool = True):
+    """A tokenizer from a dir or hub id (cache only when offline); None if it cannot be had."""
+    if source is None:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except Exception as exc:  # noqa: BLE001 - any failure means "no tokenizer here"
+        if quiet_missing:
+            return None
+        raise SsmdiagError(f"cannot load tokenizer '{source}' ({type(exc).__name__})",
+                           hint="pass a local tokenizer directory, or allow hub access") from None
+
+
+def _from_pretrained_dir(path: Path, dtype: str, device_map: str | None, trust_remote_code: bool):
+    """Load an HF-format checkpoint directory (safetensors first, sharded included)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise SsmdiagError(f"'{path}' needs its own Python code to load",
+                               hint="review that code, then pass --trust-remote-code") from None
+        raise SsmdiagError(f"cannot read the config in '{path}': {str(exc).splitlines()[0]}") from None
+    family = _check_family(config, str(path))
+    torch_dtype = resolve_dtype(dtype, config)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SsmdiagError(f"cannot load the weights in '{path}': {first}",
+                           hint="the weights file may be corrupt or truncated; re-download or re-save it") from None
+    return model, config, family
+
+
+def _from_preset(preset: Preset, seed: int, dtype: str, meta: bool):
+    """Build a preset's architecture with transformers' own initialisation (seeded) or on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    config = build_config(preset)
+    torch_dtype = resolve_dtype(dtype if dtype != "auto" else "float32")
+    if meta:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        _materialize_ssm_parameters(model, seed)
+    else:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    return model, config, family_of(config)
+
+
+def _materialize_ssm_parameters(model: nn.Module, seed: int) -> None:
+    """On a meta-device model, give each SSM mixer real A_log / D / Δ-bias values from its own init (small)."""
+    torch.manual_seed(seed)
+    for mixer in model.modules():
+        init = getattr(mixer, "init_mamba2_weights", None) or getattr(mixer, "init_mamba_weights", None)
+        if init is None or not hasattr(mixer, "A_log"):
+            continue
+        owners = [(mixer, "A_log"), (mixer, "D"), (mixer, "dt_bias")]
+        if hasattr(mixer, "dt_proj"):
+            owners += [(mixer.dt_proj, "weight"), (mixer.dt_proj, "bias")]
+        for owner, pname in owners:
+            param = getattr(owner, pname, None)
+            if isinstance(param, nn.Parameter):
+                setattr(owner, pname, nn.Parameter(torch.empty(param.shape, dtype=torch.float32)))
+        init()
+
+
+def load_model(
+    spec: str,
+    *,
+    init: str = "pretrained",
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    tokenizer: str | None = None,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    meta: bool = False,
+    backend: str = "auto",
+) -> LoadedModel:
+    """Turn a spec into a model in eval mode, its tokenizer (or None) and its adapter.
+
+    Args:
+        spec: local directory, hub id, or preset name / preset hub id (with init="random").
+        init: "pretrained" loads weights; "random" builds a built-in preset with fresh weights.
+        meta: build on the meta device (shapes only, no memory) — for `info` on huge presets.
+        backend: scan backend for SSM mixers ("auto" | "torch" | "cuda" | "ref" | "hf" = transformers' own).
+    """
+    quiet_transformers()
+    if init not in ("pretrained", "random"):
+        raise SsmdiagError(f"unknown --init '{init}'", hint="use pretrained or random")
+    if device_map not in (None, "auto"):
+        raise SsmdiagError(f"unsupported --device-map '{device_map}'", hint="use --device-map auto")
+    dev = resolve_device(device) if not meta else torch.device("meta")
+    tok_source: Any = tokenizer
+    revision = None
+    path = Path(spec).expanduser()
+    if init == "random":
+        preset = find_preset(spec)
+        if preset is None:
+            raise SsmdiagError(f"unknown preset '{spec}'",
+                               hint=f"presets: {', '.join(all_presets())} (or drop --init random to load weights)")
+        if device_map:
+            raise SsmdiagError("--device-map needs pretrained weights", hint="drop --device-map with --init random")
+        model, config, family = _from_preset(preset, seed, dtype, meta)
+        source, name, weights_hash, revision = "preset", preset.name, f"random:{preset.name}:seed={seed}", "random-init"
+        tok_source = tokenizer or preset.tokenizer
+    else:
+        if path.exists() or spec.startswith((".", "/", "~")) or not _looks_like_hub_id(spec):
+            if not path.exists() and find_preset(spec):
+                preset = find_preset(spec)
+                path, revision = _download(preset.hub_id, preset)
+            else:
+                _check_local_dir(path)
+        else:
+            path, revision = _download(spec, find_preset(spec))
+        kind = _check_local_dir(path)
+        if kind == "original":
+            model, config, family = original_format.load(path, resolve_dtype(dtype))
+            source = "original"
+        else:
+            model, config, family = _from_pretrained_dir(path, dtype, device_map, trust_remote_code)
+            source = "hub" if revision else "local"
+            tok_source = tokenizer or path
+        name = slugify(spec)
+        weights_hash = _weights_fingerprint(path)
+    if not meta and not device_map:
+        model.to(dev)
+    model.eval()
+    tok = _load_tokenizer(tok_source, quiet_missing=tokenizer is None)
+    loaded = LoadedModel(
+        model=model, tokenizer=tok, adapter=get_adapter(model), spec=spec, name=name, family=family, source=source,
+        revision=revision, weights_hash=weights_hash, dtype=next(model.parameters()).dtype,
+        device=next(model.parameters()).device, config=config,
+    )
+    if loaded.adapter.is_ssm and not meta:
+        loaded.backend = _install_kernels(model, backend)
+    return loaded
+
+
+def _install_kernels(model: nn.Module, backend: str) -> str:
+    """Route SSM mixers through ssmdiag's scan kernels (unless backend == 'hf'); return the backend used."""
+    if backend == "hf":
+        return "hf"
+    try:
+        from .kernels import patch  # local import: kernels pull in numba lazily
+    except ImportError:  # TODO(kernels issue): remove once ssmdiag.kernels.patch lands
+        return "hf"
+    return patch.install(model, backend=backend)
+
+
+def describe_backend(backend: str, device: torch.device) -> str:
+    """The scan backend an SSM on `device` would run with."""
+    if backend == "hf":
+        return "hf"
+    try:
+        from .kernels import resolve_backend
+    except ImportError:  # TODO(kernels issue): remove once ssmdiag.kernels lands
+        return "hf"
+    return resolve_backend(backend, device, need_states=False)
+
+
+def require_tokenizer(loaded: LoadedModel):
+    """The model's tokenizer, or a clear error saying how to supply one."""
+    if loaded.tokenizer is None:
+        hint = "pass --tokenizer ID_OR_DIR (the Mamba family uses the GPT-NeoX tokenizer, EleutherAI/gpt-neox-20b)"
+        raise SsmdiagError(f"{loaded.spec} has no tokenizer and this command needs one", hint=hint)
+    return loaded.tokenizer
+
+
+@dataclass
+class LoadOptions:
+    """The model-loading flags every command shares."""
+
+    init: str = "pretrained"
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    tokenizer: str | None = None
+    seed: int = 0
+    trust_remote_code: bool = False
+    backend: str = "auto"
+
+
+def load_models(specs: list[str], opts: LoadOptions, meta: bool = False) -> list[LoadedModel]:
+    """Load several models with the same options (each validated before any heavy work)."""
+    return [
+        load_model(spec, init=opts.init, dtype=opts.dtype, device=opts.device, device_map=opts.device_map,
+                   tokenizer=opts.tokenizer, seed=opts.seed, trust_remote_code=opts.trust_remote_code,
+                   meta=meta, backend=opts.backend)
+        for spec in specs
+    ]

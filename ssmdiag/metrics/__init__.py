@@ -1,0 +1,1 @@
+"""Pure metric functions: (model or tensors, config) -> result dataclass. No printing, no files."""

@@ -1,0 +1,75 @@
+"""Model summary for `ssmdiag info`: sizes, and A / Ā = exp(Δ·A) per SSM layer (Mamba paper §3.5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import Adapter
+
+
+@dataclass
+class LayerA:
+    """A and Ā statistics of one SSM layer (over all channels, or heads for Mamba-2)."""
+
+    layer: int
+    a_min: float
+    a_median: float
+    a_max: float
+    abar_min: float
+    abar_median: float
+    abar_max: float
+
+
+@dataclass
+class ModelSummary:
+    family: str
+    parameters: int
+    layers: int
+    hidden_size: int
+    vocab_size: int
+    d_inner: int | None
+    d_state: int | None
+    heads: int | None
+    delta_rule: str | None
+    layers_a: list[LayerA] = field(default_factory=list)
+
+
+def abar_at(A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Ā = exp(Δ·A), broadcasting a per-channel Δ (d,) over A (d, n), or per-head Δ (h,) over A (h,).
+
+    Args:
+        A: (d, n) or (h,), negative.
+        delta: (d,) or (h,) or a scalar tensor.
+    """
+    if A.dim() == 2 and delta.dim() == 1:
+        delta = delta[:, None]
+    return torch.exp(delta * A)
+
+
+def summarize_model(adapter: Adapter, delta: float | None = None) -> ModelSummary:
+    """Sizes of any model, and for SSMs the per-layer A and Ā at a default Δ.
+
+    Args:
+        delta: fixed Δ for every channel; None uses each channel's Δ at zero input, softplus(dt_bias).
+    """
+    params = sum(p.numel() for p in adapter.model.parameters())
+    summary = ModelSummary(
+        family=adapter.family, parameters=params, layers=adapter.num_layers, hidden_size=adapter.hidden_size,
+        vocab_size=adapter.vocab_size, d_inner=adapter.d_inner, d_state=adapter.d_state, heads=adapter.n_heads,
+        delta_rule=None,
+    )
+    if not adapter.is_ssm:
+        return summary
+    summary.delta_rule = "softplus(dt_bias) per channel" if delta is None else f"Δ = {delta:g}"
+    for i in range(adapter.num_layers):
+        A = adapter.A(i)
+        d = F.softplus(adapter.dt_bias(i)) if delta is None else torch.tensor(float(delta))
+        abar = abar_at(A, d)
+        summary.layers_a.append(LayerA(
+            layer=i, a_min=A.min().item(), a_median=A.median().item(), a_max=A.max().item(),
+            abar_min=abar.min().item(), abar_median=abar.median().item(), abar_max=abar.max().item(),
+        ))
+    return summary

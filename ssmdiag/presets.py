@@ -1,0 +1,57 @@
+"""Built-in architecture presets (`--init random`): the published configs, no weights, no download."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One built-in architecture.
+
+    Args:
+        name: short name ("mamba-130m").
+        model_type: transformers model_type ("mamba", "mamba2", "gpt_neox").
+        hub_id: where the pretrained weights live on the hub.
+        tokenizer: hub id of the matching tokenizer.
+        config: keyword arguments for the transformers config class.
+    """
+
+    name: str
+    model_type: str
+    hub_id: str
+    aliases: tuple[str, ...]
+    tokenizer: str
+    config: dict[str, Any]
+
+
+@lru_cache(maxsize=1)
+def all_presets() -> dict[str, Preset]:
+    """Every preset, by name."""
+    raw = json.loads(resources.files("ssmdiag").joinpath("presets/presets.json").read_text())
+    return {
+        name: Preset(name=name, model_type=p["model_type"], hub_id=p["hub_id"], aliases=tuple(p["aliases"]),
+                     tokenizer=p["tokenizer"], config=dict(p["config"]))
+        for name, p in raw.items()
+    }
+
+
+def find_preset(spec: str) -> Preset | None:
+    """The preset named `spec`, or whose hub id / alias is `spec` (case-insensitive); None if none."""
+    key = spec.strip().rstrip("/").lower()
+    for preset in all_presets().values():
+        names = {preset.name, preset.hub_id.lower(), *(a.lower() for a in preset.aliases)}
+        if key in names:
+            return preset
+    return None
+
+
+def build_config(preset: Preset):
+    """The transformers config object for a preset."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(preset.model_type, **preset.config)

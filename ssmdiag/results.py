@@ -1,0 +1,185 @@
+"""Run directories and result.json: atomic writes, provenance, per-phase timings.
+
+Schema: docs/results.md. Bump SCHEMA_VERSION when a field changes meaning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+
+
+def slugify(text: str) -> str:
+    """Turn a model spec into a short file-system-safe slug ('state-spaces/mamba-130m-hf' -> 'mamba-130m-hf')."""
+    text = str(text).rstrip("/\\")
+    text = text.split("/")[-1] or text
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert dataclasses, tensors, numpy values and paths into plain JSON values (NaN/inf -> None)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # torch tensors and numpy arrays/scalars
+        return to_jsonable(obj.tolist())
+    return str(obj)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: an interrupt never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(to_jsonable(obj), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour shapes the numbers ("absent" when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("ssmdiag", "torch", "transformers", "accelerate", "numba", "mamba-ssm", "causal-conv1d"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def git_hash() -> str | None:
+    """The ssmdiag source tree's commit, if it is a git checkout."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        res = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() or None if res.returncode == 0 else None
+
+
+def model_provenance(loaded: Any) -> dict[str, Any]:
+    """The model fields of result.json, from a LoadedModel (or a plain string for model-free runs)."""
+    if isinstance(loaded, str):
+        return {"spec": loaded}
+    return {
+        "spec": loaded.spec,
+        "name": loaded.name,
+        "source": loaded.source,
+        "revision": loaded.revision,
+        "weights_hash": loaded.weights_hash,
+        "family": loaded.family,
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "device": str(loaded.device),
+        "backend": loaded.backend,
+    }
+
+
+@dataclass
+class Run:
+    """One command invocation: its folder, config, timings and (at the end) metrics."""
+
+    path: Path
+    command: str
+    argv: list[str]
+    config: dict[str, Any]
+    models: list[Any]
+    seed: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase of the run (wall seconds, accumulated under `name`)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    def add_plot(self, name: str) -> Path:
+        """Register a plot file name and return its full path inside the run folder."""
+        self.plots.append(name)
+        return self.path / name
+
+    def note(self, text: str) -> None:
+        """Record a fallback or caveat (also printed on stderr by the caller)."""
+        self.notes.append(text)
+
+    def payload(self, metrics: Any, backend: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The result.json document."""
+        timings = dict(self.timings)
+        timings["total"] = time.perf_counter() - self.started
+        doc = {
+            "schema_version": SCHEMA_VERSION,
+            "command": self.command,
+            "argv": self.argv,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config": self.config,
+            "models": [model_provenance(m) for m in self.models],
+            "backend": backend,
+            "seed": self.seed,
+            "versions": library_versions(),
+            "git_hash": git_hash(),
+            "timings_s": timings,
+            "notes": self.notes,
+            "plots": self.plots,
+            "metrics": metrics,
+        }
+        if extra:
+            doc.update(extra)
+        return to_jsonable(doc)
+
+    def finish(self, metrics: Any, backend: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write result.json atomically and return what was written."""
+        doc = self.payload(metrics, backend=backend, extra=extra)
+        write_json_atomic(self.path / "result.json", doc)
+        return doc
+
+
+def start_run(
+    out: Path, command: str, models: list[Any], argv: list[str] | None = None, config: dict[str, Any] | None = None,
+    seed: int | None = None, path: Path | None = None,
+) -> Run:
+    """Create `<out>/<command>/<model-slug>-<UTC timestamp>/` (or use `path`, e.g. a resumed run)."""
+    if path is None:
+        names = [m if isinstance(m, str) else m.name for m in models] or ["run"]
+        slug = "+".join(slugify(n) for n in names)[:80]
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        path = Path(out) / command / f"{slug}-{stamp}"
+    path.mkdir(parents=True, exist_ok=True)
+    return Run(path=path, command=command, argv=list(argv if argv is not None else sys.argv), config=config or {},
+               models=list(models), seed=seed)
