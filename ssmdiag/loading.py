@@ -7,6 +7,7 @@ preset name (`--init random`: the published architecture with fresh weights, no 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -164,7 +165,7 @@ def _check_family(config: Any, spec: str) -> str:
     family = family_of(config)
     model_type = getattr(config, "model_type", "?")
     if family == "other":
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise SsmdiagError(
@@ -207,7 +208,7 @@ def _from_pretrained_dir(path: Path, dtype: str, device_map: str | None, trust_r
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, RuntimeError, ValueError, EOFError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors/pickle/shape errors: the files, not our code
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise SsmdiagError(f"cannot load the weights in '{path}': {first}",
                            hint="the weights file may be corrupt or truncated; re-download or re-save it") from None
@@ -273,6 +274,8 @@ def load_model(
         raise SsmdiagError(f"unknown --init '{init}'", hint="use pretrained or random")
     if device_map not in (None, "auto"):
         raise SsmdiagError(f"unsupported --device-map '{device_map}'", hint="use --device-map auto")
+    if device_map and importlib.util.find_spec("accelerate") is None:
+        raise SsmdiagError("--device-map needs the accelerate package", hint="pip install accelerate")
     dev = resolve_device(device) if not meta else torch.device("meta")
     tok_source: Any = tokenizer
     revision = None

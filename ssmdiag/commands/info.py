@@ -9,8 +9,9 @@ import typer
 from .. import console
 from ..loading import LoadOptions, describe_backend, load_models, resolve_device
 from ..metrics.summary import summarize_model
-from ..options import (BackendOpt, DeviceOpt, DtypeOpt, InitOpt, JsonOpt, ModelArg, SeedOpt, TokenizerOpt,
-                       TrustRemoteCodeOpt)
+from ..options import (DEFAULT_OUT, BackendOpt, DeviceOpt, DtypeOpt, InitOpt, JsonOpt, ModelArg, OutOpt, SeedOpt,
+                       TokenizerOpt, TrustRemoteCodeOpt)
+from ..results import start_run
 
 
 def main(
@@ -23,12 +24,16 @@ def main(
     trust_remote_code: TrustRemoteCodeOpt = False,
     backend: BackendOpt = "auto",
     delta: Annotated[Optional[float], typer.Option("--delta", help="Fixed Δ for Ā; default softplus(dt_bias).")] = None,
+    out: OutOpt = DEFAULT_OUT,
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a checkpoint. Presets are built on the meta device: no weights are allocated."""
     opts = LoadOptions(init=init, dtype=dtype, device=device, tokenizer=tokenizer, seed=seed,
                        trust_remote_code=trust_remote_code, backend=backend)
-    loaded = load_models([model], opts, meta=init == "random")[0]
+    run = start_run(out, "info", [model], config={**vars(opts), "delta": delta}, seed=seed)
+    with run.phase("load"):
+        loaded = load_models([model], opts, meta=init == "random")[0]
+    run.models = [loaded]
     summary = summarize_model(loaded.adapter, delta=delta)
     backend_used = loaded.backend if loaded.adapter.is_ssm else "n/a (not an SSM)"
     if init == "random" and loaded.adapter.is_ssm:  # meta build: say what a real run on this device would pick
@@ -36,6 +41,7 @@ def main(
     doc = {"spec": model, "name": loaded.name, "source": loaded.source, "dtype": str(loaded.dtype).split(".")[-1],
            "device": "meta (shapes only)" if init == "random" else str(loaded.device), "backend": backend_used,
            "tokenizer": type(loaded.tokenizer).__name__ if loaded.tokenizer is not None else None, "summary": summary}
+    result = run.finish(doc, backend=backend_used)
     rows = [("family", summary.family), ("parameters", f"{summary.parameters:,}"), ("layers", summary.layers),
             ("hidden size", summary.hidden_size), ("d_inner", summary.d_inner), ("d_state", summary.d_state),
             ("heads (Mamba-2)", summary.heads), ("vocab", summary.vocab_size), ("dtype", doc["dtype"]),
@@ -48,4 +54,4 @@ def main(
             ["layer", "A min", "A median", "A max", "Ā min", "Ā median", "Ā max"],
             [(la.layer, f(la.a_min), f(la.a_median), f(la.a_max), f(la.abar_min), f(la.abar_median), f(la.abar_max))
              for la in summary.layers_a]))
-    console.emit(doc, tables, as_json=as_json)
+    console.emit(result, tables, as_json=as_json)

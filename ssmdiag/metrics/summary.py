@@ -63,7 +63,8 @@ def summarize_model(adapter: Adapter, delta: float | None = None) -> ModelSummar
     )
     if not adapter.is_ssm:
         return summary
-    summary.delta_rule = "softplus(dt_bias) per channel" if delta is None else f"Δ = {delta:g}"
+    unit = "head" if adapter.family == "mamba2" else "channel"
+    summary.delta_rule = f"Δ = softplus(dt_bias) per {unit}" if delta is None else f"Δ = {delta:g}"
     for i in range(adapter.num_layers):
         A = adapter.A(i)
         d = F.softplus(adapter.dt_bias(i)) if delta is None else torch.tensor(float(delta))
