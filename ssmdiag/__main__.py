@@ -1,5 +1,9 @@
 """`python -m ssmdiag` (also what `accelerate launch -m ssmdiag` runs)."""
 
-from .cli import main
+from ._syspath import drop_repo_root
+
+drop_repo_root()
+
+from .cli import main  # noqa: E402
 
 main()
