@@ -48,6 +48,16 @@ def progress(description: str, total: int | None) -> Iterator[Any]:
         yield lambda n=1: bar.advance(task, n)
 
 
+@contextmanager
+def status(message: str) -> Iterator[None]:
+    """A spinner on stderr while something slow runs (model loading); silent with --quiet or off a terminal."""
+    if _quiet or not err.is_terminal:
+        yield
+        return
+    with err.status(message):
+        yield
+
+
 def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
     """A rich table with string cells."""
     t = Table(title=title, title_justify="left")

@@ -368,10 +368,14 @@ class LoadOptions:
 
 
 def load_models(specs: list[str], opts: LoadOptions, meta: bool = False) -> list[LoadedModel]:
-    """Load several models with the same options (each validated before any heavy work)."""
-    return [
-        load_model(spec, init=opts.init, dtype=opts.dtype, device=opts.device, device_map=opts.device_map,
-                   tokenizer=opts.tokenizer, seed=opts.seed, trust_remote_code=opts.trust_remote_code,
-                   meta=meta, backend=opts.backend)
-        for spec in specs
-    ]
+    """Load several models with the same options, with a spinner on stderr while each loads."""
+    from . import console
+
+    loaded = []
+    for spec in specs:
+        with console.status(f"loading {spec} ({'random init' if opts.init == 'random' else 'weights'}) …"):
+            loaded.append(load_model(
+                spec, init=opts.init, dtype=opts.dtype, device=opts.device, device_map=opts.device_map,
+                tokenizer=opts.tokenizer, seed=opts.seed, trust_remote_code=opts.trust_remote_code, meta=meta,
+                backend=opts.backend))
+    return loaded

@@ -9,8 +9,8 @@ import typer
 from .. import console
 from ..loading import LoadOptions, describe_backend, load_models, resolve_device
 from ..metrics.summary import summarize_model
-from ..options import (DEFAULT_OUT, BackendOpt, DeviceOpt, DtypeOpt, InitOpt, JsonOpt, ModelArg, OutOpt, SeedOpt,
-                       TokenizerOpt, TrustRemoteCodeOpt)
+from ..options import (DEFAULT_OUT, BackendOpt, DeviceOpt, DtypeOpt, InitOpt, JsonOpt, ModelArg, OutOpt, QuietOpt,
+                       SeedOpt, TokenizerOpt, TrustRemoteCodeOpt)
 from ..results import start_run
 
 
@@ -26,8 +26,10 @@ def main(
     delta: Annotated[Optional[float], typer.Option("--delta", help="Fixed Δ for Ā; default softplus(dt_bias).")] = None,
     out: OutOpt = DEFAULT_OUT,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Describe a checkpoint. Presets are built on the meta device: no weights are allocated."""
+    console.set_quiet(quiet)
     opts = LoadOptions(init=init, dtype=dtype, device=device, tokenizer=tokenizer, seed=seed,
                        trust_remote_code=trust_remote_code, backend=backend)
     run = start_run(out, "info", [model], config={**vars(opts), "delta": delta}, seed=seed)
