@@ -1,0 +1,233 @@
+"""Fused CPU kernels (numba) for the Mamba-1 selective scan, forward and backward.
+
+Dimension letters: b batch, l time, d channels (d_inner), n state size, S stored states.
+
+Recurrence (Mamba paper, Gu & Dao 2023, eq. 2a-2b with zero-order-hold Ā and Euler B̄):
+    h_t = exp(Δ_t A) * h_{t-1} + Δ_t B_t u_t          # (d, n) per batch row
+    y_t = sum_n C_t[n] h_t[:, n]                      # (d,)
+
+Layout: the kernels vectorise across a block of DB neighbouring channels (the state of one block,
+(n, DB) floats, stays in L1), so time-major arrays (b, l, d) are used for u, Δ, y.  Each parallel task
+owns one (batch row, channel block); reductions over channels (dB, dC) go to per-block partial sums
+that the caller adds up, so no two tasks ever write the same element.
+
+Backward is O(L): the forward stores the state at every K-th step (`hck`); the backward recomputes
+one chunk of K states into a per-task buffer and walks it in reverse with the adjoint
+    g_t = dL/dh_t = C_t dy_t + dL/dstate_t + exp(Δ_{t+1} A) g_{t+1}.
+
+exp is a vectorisable polynomial for float32 (the libm call does not vectorise and cost 7x here);
+float64 uses math.exp, so float64 gradcheck runs these same kernels.
+"""
+
+import math
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+_FASTMATH = {"reassoc", "contract"}  # reorder sums and fuse multiply-adds; never assume no NaN/inf
+DB = 64  # channels per task
+CHUNK = 32  # checkpoint interval (time steps) for the backward recompute
+
+
+@intrinsic
+def _bits_to_f32(typingctx, x):
+    """Reinterpret int32 bits as float32 (used to build 2**k)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+def fexp(x):
+    """exp(x) for the scan's decay; overloaded per dtype below."""
+    return math.exp(x)
+
+
+@overload(fexp, inline="always", fastmath=_FASTMATH)
+def _fexp_overload(x):
+    if x == types.float32:
+
+        def exp32(x):
+            # Cephes-style expf: exp(x) = 2**k * exp(r), |r| <= ln2/2, degree-6 polynomial (~1 ulp).
+            # Below -87.3 the result would be subnormal: return exactly 0 (a channel with Ā≡0).
+            xc = min(max(x, np.float32(-87.3)), np.float32(88.3))
+            k = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
+            r = xc - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)
+            p = np.float32(1.9875691500e-4)
+            p = p * r + np.float32(1.3981999507e-3)
+            p = p * r + np.float32(8.3334519073e-3)
+            p = p * r + np.float32(4.1665795894e-2)
+            p = p * r + np.float32(1.6666665459e-1)
+            p = p * r + np.float32(5.0000001201e-1)
+            p = p * r * r + r + np.float32(1.0)
+            scale = _bits_to_f32((np.int32(k) + np.int32(127)) << 23)
+            return p * scale * np.float32(x >= np.float32(-87.3))
+
+        return exp32
+    return lambda x: math.exp(x)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def scan_fwd(u, dt, AT, B, C, h0, slot, y, states, hck, K):
+    """Forward scan.
+
+    Args:
+        u, dt: (b, l, d) input and step size (Δ after bias/softplus).
+        AT: (n, d) transposed A.   B, C: (b, l, n).   h0: (b, n, d) initial state.
+        slot: (l,) int64, index into states' dim 1 where h_t is stored, or -1.
+        y: (b, l, d) output.   states: (b, S, d, n) output.   hck: (b, ceil(l/K), n, d) output,
+        hck[:, c] = state before step c*K.
+    """
+    nb, nl, nd = u.shape
+    nn = AT.shape[0]
+    nblk = (nd + DB - 1) // DB
+    for task in prange(nb * nblk):
+        b = task // nblk
+        d0 = (task % nblk) * DB
+        w = min(DB, nd - d0)
+        h = np.empty((nn, DB), u.dtype)
+        x = np.empty(DB, u.dtype)
+        for n in range(nn):
+            for j in range(w):
+                h[n, j] = h0[b, n, d0 + j]
+        for t in range(nl):
+            if t % K == 0:
+                for n in range(nn):
+                    for j in range(w):
+                        hck[b, t // K, n, d0 + j] = h[n, j]
+            dtt = dt[b, t, d0:d0 + w]
+            ut = u[b, t, d0:d0 + w]
+            yt = y[b, t, d0:d0 + w]
+            for j in range(w):
+                x[j] = dtt[j] * ut[j]
+                yt[j] = 0.0
+            for n in range(nn):
+                a = AT[n, d0:d0 + w]
+                bn = B[b, t, n]
+                cn = C[b, t, n]
+                hn = h[n]
+                for j in range(w):
+                    hv = fexp(dtt[j] * a[j]) * hn[j] + x[j] * bn
+                    hn[j] = hv
+                    yt[j] += hv * cn
+            s = slot[t]
+            if s >= 0:
+                for j in range(w):
+                    for n in range(nn):
+                        states[b, s, d0 + j, n] = h[n, j]
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def scan_bwd(u, dt, AT, B, C, hck, slot, gy, gstates, K, du, ddt, dAT, dB, dC, dh0):
+    """Backward scan: gradients of (y, states) -> inputs.
+
+    Args (beyond scan_fwd's): gy (b, l, d), gstates (b, S, d, n) upstream gradients.
+    Outputs: du, ddt (b, l, d); dAT (b, n, d) per batch row; dB, dC (b, nblk, l, n) per channel
+    block (sum over dim 1 afterwards); dh0 (b, n, d).
+    """
+    nb, nl, nd = u.shape
+    nn = AT.shape[0]
+    nblk = (nd + DB - 1) // DB
+    for task in prange(nb * nblk):
+        b = task // nblk
+        blk = task % nblk
+        d0 = blk * DB
+        w = min(DB, nd - d0)
+        hbuf = np.empty((K + 1, nn, DB), u.dtype)  # hbuf[s + 1] = h at step c*K + s
+        g = np.zeros((nn, DB), u.dtype)  # adjoint carried from the future: exp(Δ_{t+1}A) g_{t+1}
+        dacc = np.zeros((nn, DB), u.dtype)
+        duacc = np.empty(DB, u.dtype)
+        ddtacc = np.empty(DB, u.dtype)
+        nck = (nl + K - 1) // K
+        for c in range(nck - 1, -1, -1):
+            t0 = c * K
+            tl = min(K, nl - t0)
+            for n in range(nn):
+                for j in range(w):
+                    hbuf[0, n, j] = hck[b, c, n, d0 + j]
+            for s in range(tl):  # recompute the chunk's states
+                t = t0 + s
+                for n in range(nn):
+                    a = AT[n, d0:d0 + w]
+                    bn = B[b, t, n]
+                    for j in range(w):
+                        hbuf[s + 1, n, j] = (fexp(dt[b, t, d0 + j] * a[j]) * hbuf[s, n, j]
+                                             + dt[b, t, d0 + j] * u[b, t, d0 + j] * bn)
+            for s in range(tl - 1, -1, -1):
+                t = t0 + s
+                dtt = dt[b, t, d0:d0 + w]
+                ut = u[b, t, d0:d0 + w]
+                gyt = gy[b, t, d0:d0 + w]
+                k = slot[t]
+                if k >= 0:
+                    for j in range(w):
+                        for n in range(nn):
+                            g[n, j] += gstates[b, k, d0 + j, n]
+                for j in range(w):
+                    duacc[j] = 0.0
+                    ddtacc[j] = 0.0
+                for n in range(nn):
+                    a = AT[n, d0:d0 + w]
+                    bn = B[b, t, n]
+                    cn = C[b, t, n]
+                    hn = hbuf[s + 1, n]
+                    hp = hbuf[s, n]
+                    gn = g[n]
+                    da = dacc[n]
+                    sc = u.dtype.type(0.0)
+                    sb = u.dtype.type(0.0)
+                    for j in range(w):
+                        gv = gn[j] + gyt[j] * cn  # dL/dh_t
+                        sc += gyt[j] * hn[j]
+                        e = fexp(dtt[j] * a[j])
+                        q = gv * hp[j] * e  # dL/d(Δ_t A) through exp
+                        da[j] += q * dtt[j]
+                        xb = gv * bn
+                        ddtacc[j] += q * a[j] + xb * ut[j]
+                        duacc[j] += xb * dtt[j]
+                        sb += gv * dtt[j] * ut[j]
+                        gn[j] = gv * e
+                    dC[b, blk, t, n] = sc
+                    dB[b, blk, t, n] = sb
+                for j in range(w):
+                    du[b, t, d0 + j] = duacc[j]
+                    ddt[b, t, d0 + j] = ddtacc[j]
+        for n in range(nn):
+            for j in range(w):
+                dAT[b, n, d0 + j] = dacc[n, j]
+                dh0[b, n, d0 + j] = g[n, j]
+
+
+def scan_forward(u, dt, AT, B, C, h0, slot, S):
+    """Engine entry (torch in, torch out): y (b, l, d), states (b, S, d, n), saved checkpoints."""
+    bsz, length, dim = u.shape
+    n = AT.shape[0]
+    y = u.new_empty(bsz, length, dim)
+    states = u.new_empty(bsz, S, dim, n)
+    hck = u.new_empty(bsz, (length + CHUNK - 1) // CHUNK, n, dim)
+    scan_fwd(u.detach().numpy(), dt.detach().numpy(), AT.detach().numpy(), B.detach().numpy(),
+             C.detach().numpy(), h0.detach().numpy(), slot.numpy(), y.numpy(), states.numpy(), hck.numpy(),
+             CHUNK)
+    return y, states, (hck,)
+
+
+def scan_backward(u, dt, AT, B, C, h0, saved, slot, gy, gstates):
+    """Engine entry: (du, ddt, dAT (n, d), dB, dC (b, l, n), dh0 (b, n, d))."""
+    (hck,) = saved
+    bsz, length, dim = u.shape
+    n = AT.shape[0]
+    nblk = (dim + DB - 1) // DB
+    du, ddt = torch.empty_like(u), torch.empty_like(u)
+    dAT = u.new_empty(bsz, n, dim)
+    dB = u.new_empty(bsz, nblk, length, n)
+    dC = u.new_empty(bsz, nblk, length, n)
+    dh0 = u.new_empty(bsz, n, dim)
+    scan_bwd(u.numpy(), dt.numpy(), AT.numpy(), B.numpy(), C.numpy(), hck.numpy(), slot.numpy(),
+             gy.numpy(), gstates.numpy(), CHUNK, du.numpy(), ddt.numpy(), dAT.numpy(), dB.numpy(),
+             dC.numpy(), dh0.numpy())
+    return du, ddt, dAT.sum(0), dB.sum(1), dC.sum(1), dh0

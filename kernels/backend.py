@@ -1,0 +1,141 @@
+"""Which scan implementation runs: detection once, an override for tests, one stderr line on fallback.
+
+Backends (user-facing names):
+    "cuda"  mamba-ssm's fused kernels (selective_scan_fn / mamba_chunk_scan_combined); CUDA tensors only,
+            cannot return every state or states at positions.
+    "torch" ours: a fused numba kernel on CPU, a chunked pure-torch formulation elsewhere.
+    "ref"   the plain sequential loop (ground truth, slow).
+    "auto"  "cuda" where it can serve the request, else "torch".
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+
+import torch
+
+BACKENDS = ("auto", "torch", "cuda", "ref")
+
+# Tests (or a user) may force a backend for every call: one of BACKENDS minus "auto", or None.
+FORCE_BACKEND: str | None = os.environ.get("SSMDIAG_SCAN_BACKEND") or None
+# Force the engine behind backend="torch": "numba" (CPU only) or "chunked" (pure torch), or None.
+FORCE_ENGINE: str | None = os.environ.get("SSMDIAG_SCAN_ENGINE") or None
+
+_logged: set[str] = set()
+
+try:  # the shared user-error type when the package is present; kernels also work standalone
+    from ssmdiag.errors import SsmdiagError as _UserError
+except ImportError:  # pragma: no cover
+    _UserError = ValueError
+
+
+class BackendUnavailable(_UserError):
+    """An explicitly requested backend cannot run here."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        if _UserError is ValueError:  # pragma: no cover
+            super().__init__(message)
+        else:
+            super().__init__(message, hint)
+
+
+def log_once(message: str) -> None:
+    """One line on stderr, at most once per process per message."""
+    if message not in _logged:
+        _logged.add(message)
+        print(f"ssmdiag: {message}", file=sys.stderr)
+
+
+@functools.lru_cache(maxsize=None)
+def mamba_ssm_available() -> bool:
+    """True when mamba-ssm's compiled ops import (checked once; importing needs its CUDA extension)."""
+    if importlib.util.find_spec("mamba_ssm") is None:
+        return False
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # noqa: F401
+    except Exception:  # broken or CPU-only install: treat as absent
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def numba_available() -> bool:
+    """True when numba imports (the CPU engine of the torch backend)."""
+    try:
+        import numba  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _needs_states(need_states) -> bool:
+    """Whether a return_states request needs more than the last state (which cuda can give)."""
+    if need_states is None or need_states is False or need_states == "last":
+        return False
+    return True
+
+
+def resolve_backend(requested: str, device, need_states=None, *, need_initial_state: bool = False,
+                    op: str = "selective") -> str:
+    """Pick the scan backend for one call.
+
+    Args:
+        requested: "auto" | "torch" | "cuda" | "ref".
+        device: torch.device (or str) of the tensors.
+        need_states: the call's return_states (None | "last" | "all" | tensor) or a bool (True = every state).
+        need_initial_state: the call passes an initial state (mamba-ssm's selective_scan_fn cannot take one).
+        op: "selective" (Mamba-1) or "ssd" (Mamba-2).
+    Returns: "cuda" | "torch" | "ref".
+    """
+    if isinstance(need_states, bool):
+        need_states = "all" if need_states else None
+    req = FORCE_BACKEND or requested
+    if req not in BACKENDS:
+        raise BackendUnavailable(f"unknown scan backend '{req}'", hint=f"use one of {', '.join(BACKENDS)}")
+    dev = torch.device(device)
+    cuda_ok = dev.type == "cuda" and mamba_ssm_available()
+    cuda_serves = not _needs_states(need_states) and not (op == "selective" and need_initial_state)
+    if req == "cuda":
+        if not cuda_ok:
+            raise BackendUnavailable(
+                "scan backend 'cuda' needs mamba-ssm and tensors on a CUDA device",
+                hint="pip install 'ssmdiag[cuda]' on a GPU machine, or use --backend torch")
+        if not cuda_serves:
+            log_once("mamba-ssm cannot return every state / states at positions / take an initial state; "
+                     "using ssmdiag's torch scan for those calls")
+            return "torch"
+        return "cuda"
+    if req != "auto":
+        return req
+    if cuda_ok and cuda_serves:
+        return "cuda"
+    if dev.type == "cuda" and not cuda_ok:
+        log_once("mamba-ssm is not importable: SSM scans use ssmdiag's torch backend (chunked)")
+    return "torch"
+
+
+def torch_engine(device) -> str:
+    """The implementation behind backend="torch" on `device`: "numba" (CPU) or "chunked" (pure torch)."""
+    dev = torch.device(device)
+    if FORCE_ENGINE is not None:
+        if FORCE_ENGINE == "numba" and dev.type != "cpu":
+            return "chunked"
+        return FORCE_ENGINE
+    if dev.type == "cpu" and numba_available():
+        return "numba"
+    if dev.type == "cpu":
+        log_once("numba is not importable: the CPU scan uses the slower chunked torch engine")
+    return "chunked"
+
+
+def describe(backend: str, device, op: str = "selective") -> str:
+    """A short label of what actually runs, e.g. 'torch (numba CPU kernel)', for result.json."""
+    if backend != "torch":
+        return backend
+    if op == "ssd":
+        return "torch (chunked SSD)"
+    return "torch (numba CPU kernel)" if torch_engine(device) == "numba" else "torch (chunked scan)"
