@@ -1,0 +1,343 @@
+"""Influence of input token s on output t, ‖∂y_t/∂x_s‖, and its decay with distance t − s (paper Thm 3.1, Fig. 1, 7).
+
+x_s is the input embedding (the embedding layer's output), y_t the final hidden state after the final norm and
+before the LM head (or the logits with output="logits"). Influence is the Jacobian block J_ts = ∂y_t/∂x_s, measured
+with one backward pass per readout v (vᵀJ_ts for every s at once), norm over the embedding dimension:
+
+- grad: one fixed random Rademacher readout u per run (seeded, the same for every sample and target):
+  ‖uᵀJ_ts‖, one backward pass per target. E‖uᵀJ‖² = ‖J‖²_F, so it estimates the Frobenius norm up to noise.
+  (Not the gradient of ‖y_t‖: after a scale-invariant final RMSNorm/LayerNorm ‖y_t‖ hardly depends on the
+  input at all — exactly not with uniform norm weights, as at initialisation — so that gradient is 0 up to the
+  norm's ε and rounding, 4-8 decades below ‖J‖_F; see docs/influence.md.)
+- jacobian: the Frobenius norm ‖J_ts‖_F estimated with `probes` fresh Rademacher readouts per target
+  (Hutchinson: E‖vᵀJ‖² = ‖J‖²_F), one backward pass per probe and target.
+
+Dimension letters: b batch, l sequence, e embedding width, o output width (hidden size or vocabulary), T targets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import SsmdiagError
+from .influence_fit import (DecayFit, InfluenceCurve, aggregate_curve, bootstrap_curves, fit_decay, near_share,
+                            rows_by_distance)
+
+ESTIMATORS = ("grad", "jacobian")
+OUTPUTS = ("hidden", "logits")
+GRAD_DTYPES = ("float32", "model")
+
+
+@dataclass
+class InfluenceSummary:
+    """The aggregated curve of one model (or one layer, or a ratio) and its decay fit."""
+
+    curve: InfluenceCurve
+    fit: DecayFit
+    near10_share: float | None = None  # share of influence on the nearest 10% of sources (linear scale)
+    zero_entries: int = 0  # influences that were exactly 0 (floored before log10)
+
+
+@dataclass
+class LayerDecay:
+    """Closed-form ("hidden attention") decay of one SSM layer."""
+
+    layer: int
+    decay_rate: float
+    decay_rate_ci95: tuple[float, float] | None
+    half_life: float | None
+    r2: float
+    curve_log10: list[float] = field(default_factory=list)
+
+
+@dataclass
+class InfluenceConfig:
+    """What one `influence` run measures (validated by the command before any model loads)."""
+
+    seq_len: int
+    samples: int
+    targets: list[int]
+    fit_range: tuple[int, int]
+    estimator: str = "grad"
+    probes: int = 4
+    output: str = "hidden"
+    statistic: str = "mean"
+    grad_dtype: str = "float32"
+    per_layer: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ModelInfluence:
+    """Everything measured for one model."""
+
+    name: str
+    spec: str
+    family: str
+    backend: str
+    model_dtype: str
+    gradient_dtype: str
+    samples: int
+    tokens: int
+    summary: InfluenceSummary
+    seconds: float
+    seconds_per_sample: float
+    per_layer: list[LayerDecay] | None = None
+    per_layer_seconds: float | None = None
+
+
+def parse_targets(spec: str, seq_len: int) -> list[int]:
+    """'last' | 'middle' | comma list of positions (negative counts from the end), e.g. 'last,middle,100'."""
+    targets: list[int] = []
+    for item in str(spec).split(","):
+        item = item.strip().lower()
+        if item == "last":
+            pos = seq_len - 1
+        elif item == "middle":
+            pos = seq_len // 2
+        else:
+            try:
+                pos = int(item)
+            except ValueError:
+                raise SsmdiagError(f"--targets item '{item}' is not last, middle or an integer position",
+                                   hint="e.g. --targets last  or  --targets last,middle,100") from None
+            if pos < 0:
+                pos += seq_len
+        if not 0 <= pos < seq_len:
+            raise SsmdiagError(f"target position {item} is outside the sequence (0..{seq_len - 1})",
+                               hint=f"use positions below --seq-len {seq_len}, or last / middle")
+        if pos not in targets:
+            targets.append(pos)
+    return sorted(targets)
+
+
+def check_choices(estimator: str, output: str, probes: int, grad_dtype: str, statistic: str) -> None:
+    """Validate the influence flags (one clear error per bad value)."""
+    for flag, value, choices in (("--estimator", estimator, ESTIMATORS), ("--output", output, OUTPUTS),
+                                 ("--grad-dtype", grad_dtype, GRAD_DTYPES), ("--aggregate", statistic,
+                                                                            ("mean", "median"))):
+        if value not in choices:
+            raise SsmdiagError(f"unknown {flag} '{value}'", hint=f"use one of: {', '.join(choices)}")
+    if probes < 1:
+        raise SsmdiagError(f"--probes {probes} must be at least 1")
+
+
+def make_forward(adapter, output: str = "hidden") -> Callable[[torch.Tensor], torch.Tensor]:
+    """embeds (b, l, e) -> y (b, l, o): the final hidden state after the final norm, or the logits."""
+    base = adapter.base()
+    head = adapter.lm_head() if output == "logits" else None
+    if output == "logits" and head is None:
+        raise SsmdiagError("--output logits needs a language-model head, and this model has none",
+                           hint="use --output hidden (the final hidden state before the head)")
+
+    def forward(embeds: torch.Tensor) -> torch.Tensor:
+        hidden = base(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        return head(hidden) if head is not None else hidden
+
+    return forward
+
+
+def prepare_for_gradients(model: torch.nn.Module, grad_dtype: str = "float32") -> str | None:
+    """Freeze the weights and, for grad_dtype="float32", upcast a half-precision model IN PLACE.
+
+    Far-away gradients underflow in bf16/fp16, so the backward passes run in fp32 by default.
+    Returns a note saying what was done (None when nothing changed).
+    """
+    model.requires_grad_(False)
+    dtype = next(model.parameters()).dtype
+    if grad_dtype == "float32" and dtype != torch.float32:
+        model.float()
+        return f"{str(dtype).replace('torch.', '')} model upcast to float32 for the gradient computation"
+    return None
+
+
+def influence_rows(forward: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, targets: list[int],
+                   estimator: str = "grad", probes: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Influence of every source on each target, by autograd.
+
+    Args:
+        forward: embeds (b, l, e) -> y (b, l, o); samples must not interact (true for causal LMs in eval mode).
+        embeds: (b, l, e) input embeddings; their dtype is the gradient dtype.
+        targets: T target positions.
+        estimator: "grad" or "jacobian" (see module docstring).
+        probes: Rademacher probes per target for "jacobian".
+        generator: CPU generator for the readouts; "grad" draws its fixed readout from it once per call.
+    Returns:
+        (b, T, l) float64; entry [i, j, s] is the influence of x_s on y_{targets[j]} (0 for s > t by causality).
+    """
+    x = embeds.detach().requires_grad_(True)
+    with torch.enable_grad():
+        y = forward(x)  # (b, l, o)
+    b, length = x.shape[:2]
+    rows = torch.zeros(b, len(targets), length, dtype=torch.float64)
+    draws = 1 if estimator == "grad" else probes
+    passes, done = len(targets) * draws, 0
+    fixed = _rademacher((1, y.shape[-1]), generator) if estimator == "grad" else None
+    for j, t in enumerate(targets):
+        acc = torch.zeros(b, length, dtype=torch.float64)
+        for _ in range(draws):
+            v = fixed.expand(b, -1) if fixed is not None else _rademacher((b, y.shape[-1]), generator)
+            done += 1
+            (g,) = torch.autograd.grad(y[:, t], x, grad_outputs=v.to(y.device, y.dtype), retain_graph=done < passes)
+            acc += g.detach().double().pow(2).sum(-1).cpu()  # ‖vᵀJ_ts‖² for every s
+        rows[:, j] = (acc / draws).sqrt()
+    return rows
+
+
+def _rademacher(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """Entries ±1 with equal probability (E[vvᵀ] = I)."""
+    return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+
+
+def compute_influence(adapter, ids: torch.Tensor, targets: list[int], estimator: str = "grad", probes: int = 4,
+                      output: str = "hidden", seed: int = 0, label: str = "model", grad_dtype: str = "float32",
+                      on_sample: Callable[[], None] | None = None) -> np.ndarray:
+    """Influence rows for every sample, one sample per forward pass.
+
+    Args:
+        adapter: the model's Adapter (weights already prepared with prepare_for_gradients).
+        ids: (samples, l) token ids.
+    Returns:
+        (samples, T, l) float64 numpy array. Raises SsmdiagError naming the sample on non-finite gradients.
+    """
+    forward = make_forward(adapter, output)
+    embedding = adapter.embedding()
+    device = embedding.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(ids.shape[0]):
+        embeds = embedding(ids[i: i + 1].to(device))  # (1, l, e)
+        if estimator == "grad":  # the same fixed readout for every sample
+            gen = torch.Generator().manual_seed(seed)
+        rows = influence_rows(forward, embeds, targets, estimator, probes, gen)
+        if not torch.isfinite(rows).all():
+            hint = ("rerun with --grad-dtype float32" if grad_dtype != "float32" else
+                    "gradients were already float32: check the checkpoint for inf/NaN weights (ssmdiag info), "
+                    "load it with --dtype float32, or try a shorter --seq-len")
+            raise SsmdiagError(f"non-finite gradients in sample {i} of {label}", hint=hint)
+        out.append(rows[0].numpy())
+        if on_sample is not None:
+            on_sample()
+    return np.stack(out)
+
+
+def summarize_logvals(logvals: np.ndarray, fit_range: tuple[int, int], statistic: str = "mean",
+                      seed: int = 0) -> tuple[InfluenceCurve, DecayFit]:
+    """Curve with bootstrap band, and the decay fit (with a bootstrap CI on the rate) of log10 rows by distance."""
+    boots = bootstrap_curves(logvals, statistic, seed)
+    curve = aggregate_curve(logvals, statistic, seed, boots=boots)
+    values = curve.median_log10 if statistic == "median" else curve.mean_log10
+    return curve, fit_decay(values, fit_range, boots=boots)
+
+
+def summarize_influence(rows: np.ndarray, targets: list[int], fit_range: tuple[int, int], statistic: str = "mean",
+                        seed: int = 0) -> tuple[InfluenceSummary, np.ndarray]:
+    """Aggregate influence rows (samples, T, l); also returns the log10 rows by distance (for ratios)."""
+    logvals, zeros = rows_by_distance(rows, targets)
+    curve, fit = summarize_logvals(logvals, fit_range, statistic, seed)
+    return InfluenceSummary(curve=curve, fit=fit, near10_share=near_share(rows, targets), zero_entries=zeros), logvals
+
+
+def summarize_ratio(logvals_a: np.ndarray, logvals_b: np.ndarray, fit_range: tuple[int, int],
+                    statistic: str = "mean", seed: int = 0) -> InfluenceSummary:
+    """log10(I_a / I_b) per distance, paired row by row (same inputs), with its exponential fit (paper Fig. 7b)."""
+    curve, fit = summarize_logvals(logvals_a - logvals_b, fit_range, statistic, seed)
+    return InfluenceSummary(curve=curve, fit=fit)
+
+
+def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: list[int]) -> np.ndarray:
+    """Closed-form hidden-attention influence of each SSM layer: (layers, samples, T, l), norm over channels.
+
+    Uses the recorded Δ, A, B, C of every layer (ssmdiag.kernels.patch.record); no autograd.
+    """
+    from .hidden_attention import hidden_attention_row
+
+    record = _record_api()
+    adapter._require_ssm()
+    length = ids.shape[1]
+    out = np.zeros((adapter.num_layers, ids.shape[0], len(targets), length))
+    device = adapter.embedding().weight.device
+    for i in range(ids.shape[0]):
+        with torch.no_grad(), record(model, params=True) as rec:
+            adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
+        for layer in range(adapter.num_layers):
+            lr = rec.layers[layer]
+            for j, t in enumerate(targets):
+                alpha = hidden_attention_row(lr.delta.cpu(), lr.A.cpu(), lr.B.cpu(), lr.C.cpu(), t)  # (1, t+1, ch)
+                out[layer, i, j, : t + 1] = alpha[0].norm(dim=-1).numpy()
+    return out
+
+
+def _record_api():
+    try:
+        from ..kernels.patch import record
+    except ImportError:
+        raise SsmdiagError("--per-layer needs ssmdiag.kernels.patch.record, which this install lacks",
+                           hint="drop --per-layer, or update ssmdiag") from None
+    return record
+
+
+def summarize_layers(layer_rows: np.ndarray, targets: list[int], fit_range: tuple[int, int],
+                     statistic: str = "mean", seed: int = 0) -> list[LayerDecay]:
+    """Decay fit of each layer's closed-form influence curve."""
+    result = []
+    for layer, rows in enumerate(layer_rows):
+        summary, _ = summarize_influence(rows, targets, fit_range, statistic, seed)
+        values = summary.curve.median_log10 if statistic == "median" else summary.curve.mean_log10
+        result.append(LayerDecay(layer=layer, decay_rate=summary.fit.decay_rate,
+                                 decay_rate_ci95=summary.fit.decay_rate_ci95, half_life=summary.fit.half_life,
+                                 r2=summary.fit.r2, curve_log10=values))
+    return result
+
+
+def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
+                      on_sample: Callable[[], None] | None = None) -> tuple[ModelInfluence, np.ndarray, str | None]:
+    """Gradient influence of one loaded model on `ids` (samples, l), aggregated and fitted; per-layer if asked.
+
+    Upcasts a half-precision model in place (cfg.grad_dtype="float32"). Returns the result, the log10 rows by
+    distance (for ratios between models) and the upcast note (None when nothing changed).
+    """
+    model_dtype = str(loaded.dtype).replace("torch.", "")
+    note = prepare_for_gradients(loaded.model, cfg.grad_dtype)
+    grad_dtype = str(next(loaded.model.parameters()).dtype).replace("torch.", "")
+    t0 = time.perf_counter()
+    rows = compute_influence(loaded.adapter, ids, cfg.targets, cfg.estimator, cfg.probes, cfg.output, cfg.seed,
+                             label=loaded.spec, grad_dtype=cfg.grad_dtype, on_sample=on_sample)
+    seconds = time.perf_counter() - t0
+    summary, logvals = summarize_influence(rows, cfg.targets, cfg.fit_range, cfg.statistic, cfg.seed)
+    layers = layer_seconds = None
+    if cfg.per_layer and loaded.adapter.is_ssm:
+        t1 = time.perf_counter()
+        layer_rows = per_layer_rows(loaded.model, loaded.adapter, ids, cfg.targets)
+        layers = summarize_layers(layer_rows, cfg.targets, cfg.fit_range, cfg.statistic, cfg.seed)
+        layer_seconds = time.perf_counter() - t1
+    result = ModelInfluence(
+        name=loaded.name, spec=loaded.spec, family=loaded.family,
+        backend=loaded.backend if loaded.adapter.is_ssm else "attention (transformers)", model_dtype=model_dtype,
+        gradient_dtype=grad_dtype, samples=int(ids.shape[0]), tokens=int(ids.shape[1]), summary=summary,
+        seconds=seconds, seconds_per_sample=seconds / ids.shape[0], per_layer=layers, per_layer_seconds=layer_seconds)
+    return result, logvals, note
+
+
+def influence_inputs(loaded: list[Any], text: Any, seq_len: int, samples: int, seed: int) -> tuple[list[torch.Tensor], str]:
+    """Token ids for each model, (samples, l) each, and a sentence saying where they came from.
+
+    Random ids are drawn below the smallest vocabulary, so every model reads the same ids. Text is tokenised by
+    each model's own tokenizer; the models share inputs exactly when their tokenizers produce the same ids.
+    """
+    from ..data.inputs import random_token_batch, shared_vocab, text_token_batch
+    from ..loading import require_tokenizer
+
+    if text is None:
+        vocab = shared_vocab([m.adapter.embedding().num_embeddings for m in loaded])
+        ids = random_token_batch(vocab, seq_len, samples, seed)
+        return [ids] * len(loaded), f"random token ids in [0, {vocab}) shared by all models (seed {seed})"
+    batches = [text_token_batch(text, require_tokenizer(m), seq_len, samples) for m in loaded]
+    shared = all(torch.equal(b, batches[0]) for b in batches)
+    how = "the same ids for all models" if shared else "each model's own tokenizer (ids differ between models)"
+    return batches, f"{samples} consecutive windows of {seq_len} tokens from {text}, {how}"

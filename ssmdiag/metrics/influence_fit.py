@@ -1,0 +1,200 @@
+"""Influence curves by distance, their confidence band, and the exponential-decay fit (paper Thm 3.1, Fig. 1, 7).
+
+Rows are influence scores I[row, s] of source s on one target t (one row per sample × target). A row is
+re-indexed by distance t − s; the curve is the mean (or median) of log10 I over rows at each distance, with a
+95% percentile-bootstrap band over rows. The fit is a least-squares line of that curve against distance:
+log10 I ≈ a + slope·d, reported as a decay rate per token in natural-log units (rate = −slope·ln 10, so
+I ∝ exp(−rate·d)), a half-life ln 2 / rate in tokens, and R².
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import SsmdiagError
+
+TINY = float(np.finfo(np.float32).smallest_subnormal)  # an exact-zero influence is floored here (log10 ≈ -44.9)
+N_BOOT = 1000
+
+
+@dataclass
+class InfluenceCurve:
+    """log10 influence per distance d = t − s (index = distance). Band: 95% bootstrap of the `statistic`."""
+
+    distance: list[int]
+    mean_log10: list[float]
+    median_log10: list[float]
+    band_low: list[float]
+    band_high: list[float]
+    count: list[int]  # rows (sample × target) that reach this distance
+    statistic: str  # "mean" | "median": the curve the band and the fit use
+    band: str  # how the band was computed
+
+
+@dataclass
+class DecayFit:
+    """log10 I ≈ intercept + log10_slope·d over distances [fit_lo, fit_hi]."""
+
+    fit_lo: int
+    fit_hi: int
+    points: int
+    log10_slope: float  # decades per token (negative = decaying)
+    intercept_log10: float
+    decay_rate: float  # per token, natural-log units: I ∝ exp(-decay_rate · d)
+    decay_rate_ci95: tuple[float, float] | None  # bootstrap over rows; None with a single row
+    half_life: float | None  # tokens, ln 2 / decay_rate; None when the curve does not decay
+    r2: float
+
+
+def rows_by_distance(rows: np.ndarray, targets: list[int]) -> tuple[np.ndarray, int]:
+    """Re-index influence rows by distance and take log10.
+
+    Args:
+        rows: (samples, T, l) influence of source s on target targets[j]; entries s > t are ignored.
+        targets: the T target positions.
+    Returns:
+        (samples·T, max(targets)+1) float64 log10 influence, NaN where t − s < 0; and the count of exact zeros.
+    """
+    samples, n_t, _ = rows.shape
+    width = max(targets) + 1
+    out = np.full((samples, n_t, width), np.nan)
+    zeros = 0
+    for j, t in enumerate(targets):
+        seg = rows[:, j, : t + 1][:, ::-1]  # distance 0..t
+        zeros += int((seg <= 0).sum())
+        out[:, j, : t + 1] = np.log10(np.maximum(seg, TINY))
+    return out.reshape(samples * n_t, width), zeros
+
+
+def _stat(values: np.ndarray, statistic: str, axis: int) -> np.ndarray:
+    with np.errstate(all="ignore"), _quiet_nan():
+        return np.nanmedian(values, axis=axis) if statistic == "median" else np.nanmean(values, axis=axis)
+
+
+class _quiet_nan:
+    """Silence numpy's 'Mean of empty slice' warnings (empty distances are NaN by design)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def bootstrap_curves(logvals: np.ndarray, statistic: str, seed: int, n_boot: int = N_BOOT) -> np.ndarray | None:
+    """Resample rows with replacement: (n_boot, distances) curves, or None with fewer than 2 rows."""
+    n = logvals.shape[0]
+    if n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    chunk = max(1, int(2**24 // max(logvals.size, 1)))  # bound the (chunk, n, distances) temporary
+    return np.concatenate([_stat(logvals[idx[i: i + chunk]], statistic, axis=1) for i in range(0, n_boot, chunk)])
+
+
+def aggregate_curve(logvals: np.ndarray, statistic: str = "mean", seed: int = 0,
+                    boots: np.ndarray | None = None) -> InfluenceCurve:
+    """Mean and median of log10 influence per distance, with a 95% percentile-bootstrap band over rows."""
+    mean = _stat(logvals, "mean", 0)
+    median = _stat(logvals, "median", 0)
+    if boots is None:
+        boots = bootstrap_curves(logvals, statistic, seed)
+    if boots is None:
+        low = high = np.full(mean.shape, np.nan)
+    else:
+        with _quiet_nan():
+            low, high = np.nanpercentile(boots, [2.5, 97.5], axis=0)
+    width = logvals.shape[1]
+    return InfluenceCurve(
+        distance=list(range(width)), mean_log10=mean.tolist(), median_log10=median.tolist(),
+        band_low=np.asarray(low).tolist(), band_high=np.asarray(high).tolist(),
+        count=np.isfinite(logvals).sum(0).astype(int).tolist(), statistic=statistic,
+        band=f"95% percentile bootstrap of the {statistic} over {logvals.shape[0]} sample×target rows "
+             f"({N_BOOT} resamples)" if boots is not None else "none (a single sample×target row)")
+
+
+def parse_fit_range(spec: str | None, max_distance: int) -> tuple[int, int]:
+    """'auto' / None -> skip the conv-local first few distances and the last ~5%; 'A:B' -> inclusive distances.
+
+    Raises SsmdiagError when the window is malformed or leaves fewer than 3 points.
+    """
+    if spec in (None, "", "auto"):
+        lo = min(4, max_distance // 4)
+        hi = max_distance - max(1, math.ceil(0.05 * max_distance))
+    else:
+        parts = str(spec).split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            lo = int(parts[0]) if parts[0].strip() else 0
+            hi = int(parts[1]) if parts[1].strip() else max_distance
+        except ValueError:
+            raise SsmdiagError(f"--fit-range '{spec}' is not of the form LO:HI",
+                               hint="give distances in tokens, e.g. --fit-range 4:400 (or auto)") from None
+        if hi < 0:
+            hi = max_distance + hi
+        lo, hi = max(lo, 0), min(hi, max_distance)
+    if hi - lo + 1 < 3:
+        raise SsmdiagError(f"fit range {lo}:{hi} leaves {max(hi - lo + 1, 0)} point(s); the fit needs at least 3",
+                           hint=f"distances run from 0 to {max_distance}; widen --fit-range or raise --seq-len")
+    return lo, hi
+
+
+def _line_fits(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares lines through each row of ys (NaNs dropped per row): slopes, intercepts, R²."""
+    slopes, inters, r2s = [], [], []
+    for y in np.atleast_2d(ys):
+        ok = np.isfinite(y)
+        if ok.sum() < 2:
+            slopes.append(np.nan), inters.append(np.nan), r2s.append(np.nan)
+            continue
+        xs, yv = x[ok], y[ok]
+        slope, inter = np.polyfit(xs, yv, 1)
+        resid = yv - (inter + slope * xs)
+        tot = ((yv - yv.mean()) ** 2).sum()
+        r2s.append(1.0 - (resid**2).sum() / tot if tot > 0 else 1.0)
+        slopes.append(slope), inters.append(inter)
+    return np.array(slopes), np.array(inters), np.array(r2s)
+
+
+def fit_decay(curve_log10: list[float] | np.ndarray, fit_range: tuple[int, int],
+              boots: np.ndarray | None = None) -> DecayFit:
+    """Fit log10 influence against distance over `fit_range` (inclusive); rates in natural-log units per token."""
+    y = np.asarray(curve_log10, dtype=float)
+    lo, hi = fit_range
+    x = np.arange(lo, hi + 1, dtype=float)
+    window = y[lo: hi + 1]
+    if np.isfinite(window).sum() < 3:
+        raise SsmdiagError(f"fit range {lo}:{hi} has fewer than 3 finite points",
+                           hint="widen --fit-range (the influence may underflow to zero far away)")
+    slope, inter, r2 = (float(v[0]) for v in _line_fits(x, window))
+    rate = -slope * math.log(10)
+    ci = None
+    if boots is not None:
+        b_slopes = _line_fits(x, boots[:, lo: hi + 1])[0]
+        b_rates = -b_slopes[np.isfinite(b_slopes)] * math.log(10)
+        if b_rates.size:
+            ci = (float(np.percentile(b_rates, 2.5)), float(np.percentile(b_rates, 97.5)))
+    half = math.log(2) / rate if rate > 0 else None
+    return DecayFit(fit_lo=lo, fit_hi=hi, points=int(np.isfinite(window).sum()), log10_slope=slope,
+                    intercept_log10=inter, decay_rate=rate, decay_rate_ci95=ci, half_life=half, r2=r2)
+
+
+def near_share(rows: np.ndarray, targets: list[int], fraction: float = 0.1) -> float:
+    """Mean share of a row's total influence (linear scale) on the nearest ⌈fraction·(t+1)⌉ sources."""
+    shares = []
+    for j, t in enumerate(targets):
+        seg = rows[:, j, : t + 1]  # (samples, t+1)
+        k = max(1, math.ceil(fraction * (t + 1)))
+        total = seg.sum(-1)
+        near = seg[:, t + 1 - k:].sum(-1)
+        with np.errstate(all="ignore"):
+            shares.extend((near / total)[total > 0].tolist())
+    return float(np.mean(shares)) if shares else float("nan")

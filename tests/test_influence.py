@@ -1,0 +1,204 @@
+"""Influence metrics: closed-form hidden attention, estimators, fits, and analytic checks on hand-set tiny SSMs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ssmdiag.adapters import get_adapter
+from ssmdiag.errors import SsmdiagError
+from ssmdiag.metrics.hidden_attention import hidden_attention_map, hidden_attention_ref, hidden_attention_row
+from ssmdiag.metrics.influence import (compute_influence, influence_rows, parse_targets, prepare_for_gradients,
+                                       summarize_influence)
+from ssmdiag.metrics.influence_fit import fit_decay, near_share, parse_fit_range
+from tinymodels import make_model
+
+
+def _mamba1_inputs(b=2, L=10, d=5, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, L, d, generator=g) * 0.5, -torch.rand(d, n, generator=g) * 3 - 0.1,
+            torch.randn(b, L, n, generator=g), torch.randn(b, L, n, generator=g))
+
+
+def _mamba2_inputs(b=2, L=10, h=4, g_=2, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, L, h, generator=g) * 0.5, -torch.rand(h, generator=g) * 3 - 0.1,
+            torch.randn(b, L, g_, n, generator=g), torch.randn(b, L, g_, n, generator=g))
+
+
+# --- closed form ------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [_mamba1_inputs, _mamba2_inputs])
+def test_hidden_attention_row_and_map_match_the_triple_loop(make):
+    delta, A, B, C = make()
+    ref = hidden_attention_ref(delta, A, B, C)
+    for t in (0, 4, 9):
+        torch.testing.assert_close(hidden_attention_row(delta, A, B, C, t), ref[:, t, : t + 1])
+    full = hidden_attention_map(delta, A, B, C, reduce="none", max_bytes=1500)  # forces many target blocks
+    torch.testing.assert_close(full, ref)
+    torch.testing.assert_close(hidden_attention_map(delta, A, B, C), ref.norm(dim=-1))
+
+
+def _scan(u, delta, A, B, C):
+    """A plain sequential Mamba-1 scan without D: u, delta (b, l, d); A (d, n); B, C (b, l, n) -> y (b, l, d)."""
+    h = torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=torch.float64)
+    ys = []
+    for k in range(u.shape[1]):
+        h = torch.exp(delta[:, k, :, None] * A) * h + (delta[:, k, :, None] * B[:, k, None, :]) * u[:, k, :, None]
+        ys.append((h * C[:, k, None, :]).sum(-1))
+    return torch.stack(ys, 1)
+
+
+def test_hidden_attention_is_the_scan_jacobian():
+    delta, A, B, C = (x.double() for x in _mamba1_inputs(b=1, L=8))
+    u = torch.randn(1, 8, 5, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda x: _scan(x, delta, A, B, C), u)  # (1, l, d, 1, l, d)
+    row = hidden_attention_row(delta, A, B, C, 7)[0]  # (8, d)
+    diag = torch.stack([torch.diagonal(jac[0, 7, :, 0, s, :]) for s in range(8)])
+    torch.testing.assert_close(row, diag)
+
+
+def test_zero_abar_channels_give_zeros_not_nan():
+    delta, A, B, C = _mamba1_inputs(L=12)
+    A = A.clone()
+    A[0] = -float("inf")  # Ā ≡ 0 on channel 0: only s = t survives
+    row = hidden_attention_row(delta, A, B, C, 11)
+    full = hidden_attention_map(delta, A, B, C, reduce="none")
+    assert torch.isfinite(row).all() and torch.isfinite(full).all()
+    assert (row[:, :11, 0] == 0).all() and (row[:, 11, 0] != 0).all()
+    torch.testing.assert_close(full[:, 11, :12], row)
+
+
+# --- fits and parsing -----------------------------------------------------------------------------
+def test_fit_recovers_an_exact_exponential():
+    d = np.arange(50)
+    fit = fit_decay(-0.02 * d + 1.0, (4, 45))
+    assert fit.decay_rate == pytest.approx(0.02 * math.log(10))
+    assert fit.half_life == pytest.approx(math.log(2) / (0.02 * math.log(10)))
+    assert fit.r2 == pytest.approx(1.0) and fit.points == 42
+    assert fit_decay(np.zeros(20), (0, 19)).half_life is None
+
+
+def test_near_share_and_targets_and_fit_range():
+    rows = np.ones((2, 1, 20))
+    assert near_share(rows, [19]) == pytest.approx(0.1)
+    assert parse_targets("last,middle,3,-2", 20) == [3, 10, 18, 19]
+    assert parse_fit_range("auto", 99) == (4, 94) and parse_fit_range("2:", 10) == (2, 10)
+    with pytest.raises(SsmdiagError, match="outside"):
+        parse_targets("25", 20)
+    with pytest.raises(SsmdiagError, match="at least 3"):
+        parse_fit_range("5:6", 30)
+    with pytest.raises(SsmdiagError, match="LO:HI"):
+        parse_fit_range("five", 30)
+
+
+# --- estimators ---------------------------------------------------------------------------------
+def _linear_forward(a: float, M: torch.Tensor):
+    """y_t = Σ_{s≤t} a^{t-s} M x_s: a linear causal model whose Jacobian blocks are a^{t-s} M."""
+    def forward(x):  # (b, l, e) -> (b, l, o)
+        L = x.shape[1]
+        dist = torch.arange(L)[:, None] - torch.arange(L)[None, :]
+        K = torch.where(dist >= 0, a ** dist.clamp(min=0).double(), torch.zeros((), dtype=torch.float64)).to(x.dtype)
+        return torch.einsum("ts,bse,oe->bto", K, x, M)
+    return forward
+
+
+def test_grad_and_jacobian_agree_exactly_on_a_one_dimensional_output():
+    fwd = _linear_forward(0.8, torch.randn(1, 6))
+    x = torch.randn(2, 12, 6)
+    g = influence_rows(fwd, x, [11, 6], "grad", generator=torch.Generator().manual_seed(0))
+    j = influence_rows(fwd, x, [11, 6], "jacobian", probes=3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(g, j)
+
+
+def test_linear_model_rates_and_frobenius_estimate():
+    torch.manual_seed(0)
+    M = torch.randn(8, 6)
+    fwd = _linear_forward(0.9, M)
+    x = torch.randn(1, 30, 6)
+    g = influence_rows(fwd, x, [29], "grad", generator=torch.Generator().manual_seed(0)).numpy()
+    j = influence_rows(fwd, x, [29], "jacobian", probes=400, generator=torch.Generator().manual_seed(0)).numpy()
+    for rows in (g, j):  # both exactly exponential in distance: the same rate, -ln 0.9
+        summary, _ = summarize_influence(rows, [29], (1, 28))
+        assert summary.fit.decay_rate == pytest.approx(-math.log(0.9), rel=1e-4)
+    exact = 0.9 ** np.arange(29, -1, -1) * torch.linalg.matrix_norm(M).item()  # ‖a^{t-s} M‖_F
+    np.testing.assert_allclose(j[0, 0], exact, rtol=0.1)
+
+
+# --- analytic SSMs and tiny models ----------------------------------------------------------------
+def lti_mamba(a_log: float, delta: float, seed: int = 0):
+    """A one-layer Mamba made linear time-invariant by hand: Ā = exp(-exp(a_log)·δ) on every channel.
+
+    Δ is fixed (dt_proj weight 0, bias softplus⁻¹(δ)); half the channels get a zero conv kernel and bias 1, so
+    their scan input is constant, and x_proj reads B and C only from them: B, C are constant.
+    """
+    model = make_model("mamba", seed=seed, num_hidden_layers=1, hidden_size=16, state_size=4, time_step_rank=2)
+    mix = model.backbone.layers[0].mixer
+    half, rank = mix.intermediate_size // 2, mix.time_step_rank
+    with torch.no_grad():
+        mix.A_log.fill_(a_log)
+        mix.dt_proj.weight.zero_()
+        mix.dt_proj.bias.fill_(math.log(math.expm1(delta)))
+        mix.conv1d.weight[half:] = 0.0
+        mix.conv1d.bias[half:] = 1.0
+        mix.conv1d.bias[:half] = 0.0
+        mix.x_proj.weight[rank:, :half] = 0.0
+    return model
+
+
+def _rate(model, samples=6, L=48, targets=None, seed=0):
+    prepare_for_gradients(model)
+    ids = torch.randint(0, 384, (samples, L), generator=torch.Generator().manual_seed(seed))
+    targets = targets or [L - 1]
+    rows = compute_influence(get_adapter(model), ids, targets)
+    summary, _ = summarize_influence(rows, targets, parse_fit_range(None, max(targets)))
+    return summary.fit, rows
+
+
+def test_abar_one_everywhere_does_not_decay():
+    fit, _ = _rate(lti_mamba(a_log=-30.0, delta=0.1))  # A ≈ -1e-13: Ā = 1 in fp32
+    assert abs(fit.decay_rate) < 0.006
+
+
+@pytest.mark.parametrize("a_log,delta", [(0.0, 0.1), (math.log(4.0), 0.05)])
+def test_constant_abar_decays_at_log_c(a_log, delta):
+    log_c = -math.exp(a_log) * delta  # Ā = c = exp(A·Δ)
+    fit, _ = _rate(lti_mamba(a_log, delta))
+    assert fit.decay_rate == pytest.approx(-log_c, rel=0.05)
+    assert fit.r2 > 0.95
+
+
+def test_tiny_mamba_decays_and_gpt_neox_does_not():
+    mamba, _ = _rate(make_model("mamba"), samples=4, L=64)
+    neox, _ = _rate(make_model("gpt_neox"), samples=4, L=64)
+    assert mamba.decay_rate_ci95[0] > 0.01  # significantly decaying
+    assert abs(neox.decay_rate) < mamba.decay_rate / 4
+
+
+def _mamba1_params(model, ids):
+    """Δ, A, B, C of the first mixer, recomputed from its submodules (transformers' MambaMixer layout)."""
+    mix = model.backbone.layers[0].mixer
+    seen = {}
+    hook = mix.register_forward_pre_hook(lambda mod, args: seen.setdefault("h", args[0]))
+    with torch.no_grad():
+        model(ids)
+        hook.remove()
+        xs, _ = mix.in_proj(seen["h"]).transpose(1, 2).chunk(2, dim=1)
+        xs = F.silu(mix.conv1d(xs)[..., : ids.shape[1]]).transpose(1, 2)
+        dt, B, C = torch.split(mix.x_proj(xs), [mix.time_step_rank, mix.ssm_state_size, mix.ssm_state_size], -1)
+        return F.softplus(mix.dt_proj(dt)), -torch.exp(mix.A_log.float()), B, C
+
+
+def test_closed_form_rate_agrees_with_gradients_on_one_layer():
+    model = make_model("mamba", seed=1, num_hidden_layers=1)
+    L, samples = 64, 4
+    grad_fit, rows = _rate(model, samples=samples, L=L, seed=1)
+    ids = torch.randint(0, 384, (samples, L), generator=torch.Generator().manual_seed(1))
+    closed = np.zeros_like(rows)
+    for i in range(samples):
+        closed[i, 0] = hidden_attention_row(*_mamba1_params(model, ids[i: i + 1]), L - 1)[0].norm(dim=-1).numpy()
+    summary, _ = summarize_influence(closed, [L - 1], (grad_fit.fit_lo, grad_fit.fit_hi))
+    assert summary.fit.decay_rate == pytest.approx(grad_fit.decay_rate, rel=0.3)
