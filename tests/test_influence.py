@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from ssmdiag.adapters import get_adapter
 from ssmdiag.errors import SsmdiagError
 from ssmdiag.metrics.hidden_attention import hidden_attention_map, hidden_attention_ref, hidden_attention_row
-from ssmdiag.metrics.influence import (compute_influence, influence_rows, parse_targets, prepare_for_gradients,
-                                       summarize_influence)
+from ssmdiag.metrics.influence import (compute_influence, influence_rows, parse_targets, per_layer_rows,
+                                       prepare_for_gradients, summarize_influence, summarize_layers)
 from ssmdiag.metrics.influence_fit import fit_decay, near_share, parse_fit_range
 from tinymodels import make_model
 
@@ -197,8 +197,9 @@ def test_closed_form_rate_agrees_with_gradients_on_one_layer():
     L, samples = 64, 4
     grad_fit, rows = _rate(model, samples=samples, L=L, seed=1)
     ids = torch.randint(0, 384, (samples, L), generator=torch.Generator().manual_seed(1))
-    closed = np.zeros_like(rows)
-    for i in range(samples):
-        closed[i, 0] = hidden_attention_row(*_mamba1_params(model, ids[i: i + 1]), L - 1)[0].norm(dim=-1).numpy()
-    summary, _ = summarize_influence(closed, [L - 1], (grad_fit.fit_lo, grad_fit.fit_hi))
-    assert summary.fit.decay_rate == pytest.approx(grad_fit.decay_rate, rel=0.3)
+    closed = per_layer_rows(model, get_adapter(model), ids, [L - 1])  # via kernels.patch.record: (1, samples, 1, L)
+    for i in range(samples):  # the recorded Δ, B, C are the mixer's own
+        mine = hidden_attention_row(*_mamba1_params(model, ids[i: i + 1]), L - 1)[0].norm(dim=-1).numpy()
+        np.testing.assert_allclose(closed[0, i, 0], mine, rtol=1e-4)
+    layers = summarize_layers(closed, [L - 1], (grad_fit.fit_lo, grad_fit.fit_hi))
+    assert layers[0].decay_rate == pytest.approx(grad_fit.decay_rate, rel=0.3)

@@ -81,9 +81,8 @@ def _tables(results, ratio, path) -> list:
     if ratio is not None:
         rows.append((f"ratio {results[0].name}/{results[1].name}", f(ratio.fit.decay_rate),
                      f(ratio.fit.half_life, 3), f(ratio.fit.r2, 3), "—", "", "", "", ""))
-    cols = ["model", "decay rate/token (ln)", "half-life (tokens)", "R²", "near-10% share", "tokens", "samples",
-            "wall time", "backend"]
-    tables = [console.table(f"influence decay → {path}", cols, rows)]
+    cols = ["model", "rate/token", "half-life", "R²", "near-10%", "tokens", "samples", "wall", "backend"]
+    tables = [console.table(f"influence decay (rate in ln units per token) → {path}", cols, rows)]
     for r in results:
         if r.per_layer:
             tables.append(console.table(f"{r.name}: closed-form decay per layer", ["layer", "rate/token", "half-life",

@@ -318,7 +318,7 @@ def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
         layer_seconds = time.perf_counter() - t1
     result = ModelInfluence(
         name=loaded.name, spec=loaded.spec, family=loaded.family,
-        backend=loaded.backend if loaded.adapter.is_ssm else "attention (transformers)", model_dtype=model_dtype,
+        backend=loaded.backend if loaded.adapter.is_ssm else "n/a (attention)", model_dtype=model_dtype,
         gradient_dtype=grad_dtype, samples=int(ids.shape[0]), tokens=int(ids.shape[1]), summary=summary,
         seconds=seconds, seconds_per_sample=seconds / ids.shape[0], per_layer=layers, per_layer_seconds=layer_seconds)
     return result, logvals, note

@@ -1,0 +1,122 @@
+"""`ssmdiag influence` end to end on tiny checkpoints: outputs, the two-model ratio, bf16, --text, every error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ssmdiag.cli import app
+from tinymodels import make_model, save_checkpoint
+
+FAST = ["--seq-len", "24", "--samples", "2", "--quiet"]
+
+
+def _invoke(args, tmp_path):
+    result = CliRunner().invoke(app, ["influence", *args, "--out", str(tmp_path)])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def _run_dir(tmp_path):
+    (path,) = (tmp_path / "influence").iterdir()
+    return path, json.loads((path / "result.json").read_text())
+
+
+def _error(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_single_model_writes_curves_fit_and_plot(tiny_mamba_dir, tmp_path):
+    result = _invoke([str(tiny_mamba_dir), *FAST, "--per-layer", "--targets", "last,middle"], tmp_path)
+    assert result.exit_code == 0, result.output
+    path, doc = _run_dir(tmp_path)
+    assert {"influence.png", "per_layer.png"} <= {p.name for p in path.iterdir()}
+    model = doc["metrics"]["models"][0]
+    assert model["gradient_dtype"] == "float32" and model["samples"] == 2 and model["tokens"] == 24
+    curve = model["summary"]["curve"]
+    assert len(curve["mean_log10"]) == 24 and curve["count"][0] == 4 and curve["count"][23] == 2  # 2 targets
+    assert model["summary"]["fit"]["decay_rate"] is not None and len(model["per_layer"]) == 2
+    assert doc["config"]["targets"] == [12, 23] and doc["metrics"]["ratio"] is None
+    assert "influence decay" in result.output
+
+
+def test_two_models_share_inputs_and_draw_the_ratio(tiny_mamba_dir, tiny_gpt_neox_dir, tmp_path):
+    args = [str(tiny_mamba_dir), str(tiny_gpt_neox_dir), *FAST, "--estimator", "jacobian", "--probes", "2", "--json"]
+    result = _invoke(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    path, doc = _run_dir(tmp_path)
+    assert (path / "ratio.png").exists() and (path / "influence.png").exists()
+    assert "shared by all models" in doc["metrics"]["inputs"]
+    ratio = doc["metrics"]["ratio"]
+    assert len(ratio["curve"]["mean_log10"]) == 24 and ratio["fit"]["r2"] is not None
+    assert json.loads(result.stdout)["command"] == "influence"
+
+
+def test_bf16_model_gets_fp32_gradients(tiny_mamba_dir, tmp_path):
+    result = _invoke([str(tiny_mamba_dir), *FAST, "--dtype", "bfloat16", "--output", "logits"], tmp_path)
+    assert result.exit_code == 0, result.output
+    _, doc = _run_dir(tmp_path)
+    model = doc["metrics"]["models"][0]
+    assert model["model_dtype"] == "bfloat16" and model["gradient_dtype"] == "float32"
+    assert any("upcast to float32" in note for note in doc["notes"])
+
+
+def test_text_windows(tiny_mamba_dir, tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("the state space model reads every token once and keeps a memory that decays. " * 20)
+    result = _invoke([str(tiny_mamba_dir), *FAST, "--text", str(text)], tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    _, doc = _run_dir(tmp_path / "runs")
+    assert "windows of 24 tokens" in doc["metrics"]["inputs"]
+
+
+@pytest.fixture(scope="module")
+def nan_mamba_dir(tmp_path_factory, tiny_tokenizer_dir):
+    model = make_model("mamba")
+    with torch.no_grad():
+        model.backbone.norm_f.weight[0] = float("nan")
+    return save_checkpoint(model, tmp_path_factory.mktemp("nan") / "mamba", tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--seq-len", "1"], "too short"),
+    (["--targets", "30"], "outside the sequence"),
+    (["--targets", "first"], "not last, middle"),
+    (["--fit-range", "3:4"], "at least 3"),
+    (["--estimator", "exact"], "unknown --estimator"),
+    (["--probes", "0"], "at least 1"),
+])
+def test_bad_arguments_fail_before_loading(tiny_mamba_dir, tmp_path, extra, message):
+    assert message in _error(_invoke([str(tiny_mamba_dir), "--seq-len", "24", *extra], tmp_path))
+
+
+def test_seq_len_beyond_positions(tiny_gpt_neox_dir, tmp_path):
+    assert "exceeds the model's maximum" in _error(_invoke([str(tiny_gpt_neox_dir), "--seq-len", "4096"], tmp_path))
+
+
+def test_empty_and_short_text(tiny_mamba_dir, tmp_path):
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("  \n")
+    short.write_text("a few words only")
+    assert "is empty" in _error(_invoke([str(tiny_mamba_dir), *FAST, "--text", str(empty)], tmp_path))
+    assert "fewer than --seq-len" in _error(_invoke([str(tiny_mamba_dir), *FAST, "--text", str(short)], tmp_path))
+
+
+def test_logits_without_head(tiny_mamba_dir, tmp_path, monkeypatch):
+    from ssmdiag.adapters import Adapter
+
+    monkeypatch.setattr(Adapter, "lm_head", lambda self: None)
+    assert "needs a language-model head" in _error(_invoke([str(tiny_mamba_dir), *FAST, "--output", "logits"],
+                                                          tmp_path))
+
+
+def test_non_finite_gradients_name_the_sample(nan_mamba_dir, tmp_path):
+    result = _invoke([str(nan_mamba_dir), *FAST], tmp_path)
+    assert "non-finite gradients in sample 0" in _error(result)
+    assert "Hint:" in result.output and "float32" in result.output
