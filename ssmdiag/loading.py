@@ -327,10 +327,8 @@ def _install_kernels(model: nn.Module, backend: str) -> str:
     """Route SSM mixers through ssmdiag's scan kernels (unless backend == 'hf'); return the backend used."""
     if backend == "hf":
         return "hf"
-    try:
-        from .kernels import patch  # local import: kernels pull in numba lazily
-    except ImportError:  # TODO(kernels issue): remove once ssmdiag.kernels.patch lands
-        return "hf"
+    from .kernels import patch  # local import: numba is loaded only when a scan runs
+
     return patch.install(model, backend=backend)
 
 
@@ -338,10 +336,8 @@ def describe_backend(backend: str, device: torch.device) -> str:
     """The scan backend an SSM on `device` would run with."""
     if backend == "hf":
         return "hf"
-    try:
-        from .kernels import resolve_backend
-    except ImportError:  # TODO(kernels issue): remove once ssmdiag.kernels lands
-        return "hf"
+    from .kernels import resolve_backend
+
     return resolve_backend(backend, device, need_states=False)
 
 
