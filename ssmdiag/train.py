@@ -1,0 +1,285 @@
+"""Training loop for polarized (and default) SSMs through accelerate: one GPU, several (`accelerate launch`) or CPU.
+
+Polarized A_log entries stay fixed: their gradients are zeroed before every optimizer step and A_log sits in
+the no-weight-decay group (AdamW with zero gradient and no decay leaves a value bit-identical); `train_model`
+checks that at the end. Early stop when validation accuracy exceeds a threshold (Zoology: 0.99). The run
+saves accelerate state every `save_every` steps into `<dir>/state`, and `resume=True` picks it up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import get_adapter
+from .data.mqar import IGNORE, MQARBatch
+from .errors import SsmdiagError
+from .polarize import new_entry_masks, polarized_masks
+
+TRAINABLE = ("all", "new", "mixer")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (defaults follow Zoology's MQAR runs: AdamW, lr 1e-3, wd 0.1, cosine)."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.1
+    warmup: int = 0
+    grad_clip: float = 1.0
+    trainable: str = "all"
+    eval_every: int = 100
+    save_every: int = 200
+    early_stop: float | None = 0.99
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    """What happened: steps run, why it stopped, loss and validation history, frozen-entry check."""
+
+    steps_done: int
+    stopped: str  # "steps" | "early_stop" | "resumed_finished"
+    seconds: float
+    seconds_per_step: float
+    final_loss: float | None
+    best_val: float | None
+    history: list[dict] = field(default_factory=list)
+    frozen_entries: int = 0
+    frozen_intact: bool | None = None
+    resumed_from: int | None = None
+    trainable_params: int = 0
+
+
+def supervised_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits at the positions where mask is True only: (q, V). Skips the LM head elsewhere (the bulk of the
+    cost for an 8k vocabulary)."""
+    adapter = get_adapter(model)
+    hidden = adapter.base()(input_ids=ids, use_cache=False).last_hidden_state  # (b, l, d), after the final norm
+    return adapter.lm_head()(hidden[mask])
+
+
+class MQARLoss(nn.Module):
+    """Wraps a causal LM so forward(ids, labels) is the cross-entropy at supervised (query) positions."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        mask = labels != IGNORE
+        return F.cross_entropy(supervised_logits(self.model, ids, mask).float(), labels[mask])
+
+
+class LMLoss(nn.Module):
+    """Wraps a causal LM so forward(ids, _) is the next-token loss over the whole window."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def trainable_masks(model: nn.Module, trainable: str) -> dict[str, torch.Tensor | None]:
+    """{parameter name: None (train all of it) or bool mask (train only True)}; absent names are frozen."""
+    if trainable not in TRAINABLE:
+        raise SsmdiagError(f"unknown --trainable '{trainable}'", hint="use all, new or mixer")
+    params = dict(model.named_parameters())
+    if trainable == "all":
+        return {n: None for n in params}
+    if trainable == "mixer":
+        adapter = get_adapter(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        prefixes = [names[id(adapter.mixer(b))] + "." for b in adapter.blocks()]
+        return {n: None for n in params if any(n.startswith(p) for p in prefixes)}
+    masks = new_entry_masks(model)
+    if not masks:
+        raise SsmdiagError("--trainable new needs a polarized model with new or polarized channels",
+                           hint="use --trainable all or mixer")
+    return dict(masks)
+
+
+def _param_groups(model: nn.Module, train: dict, frozen: dict, weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; A_log, D, biases, norms, embeddings and partly-trained tensors do not."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if name not in train:
+            p.requires_grad_(False)
+            continue
+        p.requires_grad_(True)
+        partial = train[name] is not None or name in frozen
+        plain = p.dim() >= 2 and not any(s in name for s in ("A_log", "embed", "norm"))
+        (decay if plain and not partial else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup and step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        span = max(cfg.steps - cfg.warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(step - cfg.warmup, span) / span))
+    return f
+
+
+def train_model(model: nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                cfg: TrainConfig, eval_fn: Callable[[nn.Module], float] | None = None, run_dir: Path | None = None,
+                resume: bool = True, on_step: Callable[[int, float], None] | None = None,
+                loss: type[nn.Module] = MQARLoss, cpu: bool | None = None) -> TrainResult:
+    """Train `model` in place for `cfg.steps` steps (or until eval_fn's value > cfg.early_stop).
+
+    Args:
+        batch_fn: step -> (input_ids (b, l), labels (b, l)); deterministic in step, so resuming is exact.
+        eval_fn: model -> validation score (accuracy), called every cfg.eval_every steps and at the end.
+        run_dir: where accelerate state (model, optimizer, scheduler, RNG) and progress.json are saved.
+        loss: MQARLoss (query positions only) or LMLoss (next-token loss), wrapping the model.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if cpu is None:
+        cpu = next(model.parameters()).device.type == "cpu"
+    acc = Accelerator(cpu=cpu)
+    set_seed(cfg.seed)
+    frozen = {n: m.to(acc.device) for n, m in polarized_masks(model).items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in frozen}
+    train = trainable_masks(model, cfg.trainable)
+    keep = {n: m for n, m in train.items() if m is not None}
+    groups = _param_groups(model, train, frozen, cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    model.train()
+    pmodel, opt, sched = acc.prepare(loss(model), opt, sched)
+    params = dict(acc.unwrap_model(pmodel).model.named_parameters())
+    state_dir = Path(run_dir) / "state" if run_dir else None
+    start, history, resumed = 0, [], None
+    if resume and state_dir and (state_dir / "progress.json").is_file():
+        prog = json.loads((state_dir / "progress.json").read_text())
+        acc.load_state(str(state_dir))
+        start, history, resumed = int(prog["step"]), list(prog["history"]), int(prog["step"])
+    t0, loss_val, best, stopped = time.perf_counter(), None, None, "steps"
+    if history and cfg.early_stop is not None and history[-1].get("val", 0) > cfg.early_stop:
+        stopped = "resumed_finished"
+    step = start
+    while step < cfg.steps and stopped == "steps":
+        ids, labels = batch_fn(step)
+        loss_t = pmodel(ids.to(acc.device), labels.to(acc.device))
+        acc.backward(loss_t)
+        _mask_grads(params, frozen, keep)
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(pmodel.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        loss_val = float(loss_t.detach())
+        if on_step:
+            on_step(step, loss_val)
+        if eval_fn and (step % cfg.eval_every == 0 or step == cfg.steps):
+            val = float(eval_fn(acc.unwrap_model(pmodel).model))
+            pmodel.train()
+            history.append({"step": step, "loss": loss_val, "val": val})
+            if cfg.early_stop is not None and val > cfg.early_stop:
+                stopped = "early_stop"
+        if state_dir and (step % cfg.save_every == 0 or step == cfg.steps or stopped != "steps"):
+            _save_state(acc, state_dir, step, history)
+    seconds = time.perf_counter() - t0
+    model = acc.unwrap_model(pmodel).model
+    model.eval()
+    vals = [h["val"] for h in history if h.get("val") is not None]
+    intact = all(torch.equal(params[n].detach().cpu()[frozen[n].cpu()], before[n].cpu()[frozen[n].cpu()])
+                 for n in frozen) if frozen else None
+    return TrainResult(steps_done=step, stopped=stopped, seconds=seconds,
+                       seconds_per_step=seconds / max(step - start, 1), final_loss=loss_val,
+                       best_val=max(vals) if vals else None, history=history,
+                       frozen_entries=int(sum(int(m.sum()) for m in frozen.values())), frozen_intact=intact,
+                       resumed_from=resumed, trainable_params=sum(p.numel() for p in model.parameters()
+                                                                    if p.requires_grad))
+
+
+def _mask_grads(params: dict, frozen: dict, keep: dict) -> None:
+    """Zero the gradients of polarized entries, and of entries outside --trainable new's masks."""
+    with torch.no_grad():
+        for n, m in frozen.items():
+            g = params[n].grad
+            if g is not None:
+                g.masked_fill_(m, 0.0)
+        for n, m in keep.items():
+            g = params[n].grad
+            if g is not None:
+                g.masked_fill_(~m.to(g.device), 0.0)
+
+
+def _save_state(acc, state_dir: Path, step: int, history: list[dict]) -> None:
+    """accelerate state + progress.json (written last, atomically: a state without it is ignored)."""
+    from .results import write_json_atomic
+
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        prog = state_dir / "progress.json"
+        if prog.exists():
+            prog.unlink()
+    acc.save_state(str(state_dir), safe_serialization=False)  # tied embeddings: no safetensors warning
+    if acc.is_main_process:
+        write_json_atomic(state_dir / "progress.json", {"step": step, "history": history})
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def mqar_accuracy(model: nn.Module, batch: MQARBatch, batch_size: int = 64) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Recall accuracy over query positions; also per-query (distance, correct) for binning.
+
+    Returns (accuracy, distances (q,), correct (q,) bool).
+    """
+    model.eval()
+    dev = next(model.parameters()).device
+    dists, hits = [], []
+    for i in range(0, batch.inputs.shape[0], batch_size):
+        ids = batch.inputs[i:i + batch_size].to(dev)
+        labels = batch.labels[i:i + batch_size]
+        mask = labels != IGNORE
+        pred = supervised_logits(model, ids, mask.to(dev)).argmax(-1).cpu()
+        hits.append(pred == labels[mask])
+        dists.append(batch.distance[i:i + batch_size][mask])
+    hit, dist = torch.cat(hits), torch.cat(dists)
+    return float(hit.float().mean()) if hit.numel() else float("nan"), dist, hit
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token loss) over (n, l) token windows."""
+    model.eval()
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        ids = windows[i:i + batch_size].to(dev)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total, count = total + float(loss), count + ids[:, 1:].numel()
+    return math.exp(total / max(count, 1))
+
+
+def binned_accuracy(dist: torch.Tensor, hit: torch.Tensor, edges: list[int]) -> list[dict]:
+    """Recall accuracy per key–query distance bin [edges[i], edges[i+1])."""
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (dist >= lo) & (dist < hi)
+        out.append({"lo": lo, "hi": hi, "n": int(m.sum()), "acc": float(hit[m].float().mean()) if m.any() else None})
+    return out
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
