@@ -21,6 +21,7 @@ from .errors import SsmdiagError
 COMMANDS: list[tuple[str, str, str]] = [
     ("info", "info", "Describe a checkpoint: family, sizes, A and Ā = exp(Δ·A) per layer."),
     ("presets", "presets", "List the built-in architecture presets usable with --init random."),
+    ("smooth", "smooth", "Layerwise sharpness, memory-state smoothing and the Ā spectrum (over-smoothing)."),
     ("influence", "influence", "Influence-score decay with distance: per-distance curves, exponential fit, plots."),
 ]
 

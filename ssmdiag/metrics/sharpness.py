@@ -11,8 +11,8 @@ For X = (x_1 … x_T) the quantities are, over the T(T-1)/2 unordered pairs i < 
 Exact mode walks the pair matrix in row chunks of the Gram matrix (never a T×T×D tensor). Distances are
 translation invariant, so X is centred first: that removes the shared component which would otherwise cancel
 catastrophically in ‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩ for over-smoothed (nearly equal) tokens; the Gram product
-runs in float32 on the centred data (float64 input stays float64), squared norms, the distance matrix and
-every accumulation in float64. Sampled mode (`pairs`) draws
+and the distances run in float32 on the centred data (float64 input stays float64), every sum is accumulated
+in float64. Sampled mode (`pairs`) draws
 that many pairs i ≠ j uniformly and measures them directly; its maximum is then a lower bound.
 """
 
@@ -77,7 +77,8 @@ def compute_sharpness(x: torch.Tensor, pairs: int | None = None, seed: int = 0) 
     norms = torch.linalg.vector_norm(x.flatten(1), dim=1).to(torch.float64)  # (l,)
     mean_norm = float(norms.mean())
     cosine = _mean_cosine(x.flatten(1), norms)
-    xc = x - x.mean(dim=0, keepdim=True)  # (l, k, f): translation does not change distances
+    # (l, k, f): translation does not change distances; a float64 mean keeps constant sequences exactly 0
+    xc = x - x.mean(dim=0, keepdim=True, dtype=torch.float64).to(x.dtype)
     n_all = total_pairs(seq_len)
     if pairs is None or pairs >= n_all:
         mean, mx, pmean, pmax = _exact_distances(xc)
@@ -94,42 +95,47 @@ def compute_sharpness(x: torch.Tensor, pairs: int | None = None, seed: int = 0) 
 def _mean_cosine(x: torch.Tensor, norms: torch.Tensor) -> float:
     """Mean over pairs i < j of cos(x_i, x_j) = (‖Σ x̂_i‖² − Σ‖x̂_i‖²) / (T(T−1)): O(T·D), no Gram matrix."""
     seq_len = x.shape[0]
-    unit = x / norms.clamp_min(1e-300).to(x.dtype).unsqueeze(1)  # zero vectors stay zero: they add cosine 0
-    total = unit.sum(dim=0, dtype=torch.float64)
+    inv = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-300), 0.0).to(x.dtype)  # zero vectors add cosine 0
+    total = (inv @ x).to(torch.float64)  # Σ x̂_i, (f,)
     self_sum = float((norms > 0).sum())
     return float((total.dot(total) - self_sum) / (seq_len * (seq_len - 1)))
 
 
 def _exact_distances(xc: torch.Tensor) -> tuple[float, float, list[float], list[float]]:
-    """Mean and max over all pairs i < j, walking row chunks of the Gram matrices. xc: (l, k, f) centred."""
+    """Mean and max over all pairs i < j, walking row blocks of the Gram matrices. xc: (l, k, f) centred.
+
+    Row block [a, b) only meets columns j >= a (the upper triangle: 56 % of the full product at 8 blocks);
+    inside the diagonal block the pairs j <= i are zeroed, which changes neither the sum nor the max.
+    Row sums are added up in float64.
+    """
     seq_len, n_parts, _ = xc.shape
-    sq = xc.pow(2).sum(dim=2, dtype=torch.float64)  # (l, k)
-    rows = max(1, min(seq_len, CHUNK_BYTES // (8 * 4 * seq_len)))  # ~4 live (rows, l) float64 arrays
-    dev = xc.device
-    part_sum = torch.zeros(n_parts, dtype=torch.float64, device=dev)
-    part_max = torch.zeros(n_parts, dtype=torch.float64, device=dev)
+    sq = torch.linalg.vector_norm(xc, dim=2).pow(2)  # (l, k)
+    # narrow vectors: one block (few, large element-wise ops); wide ones (states): 8 blocks halve the product
+    blocks = 1 if n_parts * xc.shape[2] <= 4096 else 8
+    rows = min(seq_len, max(128, -(-seq_len // blocks)), max(1, CHUNK_BYTES // (xc.element_size() * 3 * seq_len)))
+    part_sum = [0.0] * n_parts
+    part_max = [0.0] * n_parts
     whole_sum, whole_max = 0.0, 0.0
     for a in range(0, seq_len - 1, rows):
         b = min(a + rows, seq_len)
-        # pairs (i, j) with a <= i < b and j > i: only columns from a + 1 on can hold them
-        upper = (torch.arange(a, b, device=dev).unsqueeze(1)
-                 < torch.arange(a, seq_len, device=dev).unsqueeze(0))  # (c, l - a)
-        d2_whole = torch.zeros(b - a, seq_len - a, dtype=torch.float64, device=dev)
+        whole = None
         for k in range(n_parts):
-            gram = (xc[a:b, k] @ xc[a:, k].T).to(torch.float64)  # (c, l - a)
-            d2 = (sq[a:b, k].unsqueeze(1) + sq[a:, k].unsqueeze(0) - 2.0 * gram).clamp_min_(0.0)
-            d2_whole += d2
+            # ‖x_i − x_j‖² = ‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩ for i in [a, b), j in [a, l)
+            d2 = torch.addmm(sq[a:, k].unsqueeze(0), xc[a:b, k], xc[a:, k].T, alpha=-2.0)
+            d2.add_(sq[a:b, k].unsqueeze(1)).clamp_min_(0.0)
+            d2[:, : b - a] = d2[:, : b - a].triu(diagonal=1)
             if n_parts > 1:
-                d = d2[upper].sqrt_()
-                part_sum[k] += d.sum()
-                part_max[k] = torch.maximum(part_max[k], d.max())
-        d = d2_whole[upper].sqrt_()
-        whole_sum += float(d.sum())
+                d = d2.sqrt()
+                part_sum[k] += float(d.sum(dim=1).to(torch.float64).sum())
+                part_max[k] = max(part_max[k], float(d.max()))
+            whole = d2 if whole is None else whole.add_(d2)
+        d = whole.sqrt_()
+        whole_sum += float(d.sum(dim=1).to(torch.float64).sum())
         whole_max = max(whole_max, float(d.max()))
     n = total_pairs(seq_len)
     if n_parts == 1:
         return whole_sum / n, whole_max, [whole_sum / n], [whole_max]
-    return whole_sum / n, whole_max, (part_sum / n).tolist(), part_max.tolist()
+    return whole_sum / n, whole_max, [v / n for v in part_sum], part_max
 
 
 def _sampled_distances(xc: torch.Tensor, pairs: int, seed: int) -> tuple[float, float, list[float], list[float]]:

@@ -1,0 +1,225 @@
+"""Layerwise over-smoothing of a model: sharpness at five places per block, and the Ā spectrum (paper §4, Fig. 5-6).
+
+Per block, on the same token sequences, the sharpness (ssmdiag.metrics.sharpness) of
+    block_input   the residual stream entering the block
+    mixer_input   the mixer's input, after the block's pre-norm
+    states        the memory states h_t (SSM only: all d_inner × d_state numbers of a token; per head for Mamba-2)
+    mixer_output  what the mixer (SSM or attention) returns
+    block_output  the residual stream leaving the block
+Theorem 4.2 says an SSM layer's states are no sharper than its input under its assumptions; the state /
+mixer-input ratio per layer and the share of layers where it is ≤ 1 say how far a real checkpoint follows that.
+
+Memory: one forward per sample under ssmdiag.kernels.patch.record; hooks reduce every tensor to numbers as
+soon as it exists, and take each SSM layer's recorded states right after its scan, so only one layer's
+states (l × d_inner × d_state floats) exist at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .sharpness import METRICS, Sharpness, average_sharpness, compute_sharpness, depth_slope
+from .spectrum import SpectrumResult, summarize_spectrum
+
+POSITIONS = ("block_input", "mixer_input", "states", "mixer_output", "block_output")
+
+
+@dataclass
+class LayerSmoothing:
+    """Sharpness at each place of one block (mean over samples); `ratio` = states / mixer_input per metric."""
+
+    layer: int
+    block_input: Sharpness
+    mixer_input: Sharpness
+    mixer_output: Sharpness
+    block_output: Sharpness
+    states: Sharpness | None = None
+    ratio: dict[str, float] | None = None
+    ratio_samples: list[float] = field(default_factory=list)  # the primary metric's ratio per sample
+
+
+@dataclass
+class SmoothingResult:
+    """A model's layerwise sharpness and Ā spectrum.
+
+    Args:
+        metric: the primary metric ("mean" | "max" | "scale_free") used by the summary fields.
+        ratio_mean: mean over layers of the state / mixer-input ratio; ratio_le1_layers: share of layers with
+            ratio ≤ 1; ratio_le1_samples: the same over every (layer, sample).
+        block_output_slope: least-squares slope of ln(block-output sharpness) per layer (relative change).
+        states_note: why states were not measured, when they were not.
+    """
+
+    family: str
+    is_ssm: bool
+    metric: str
+    seq_len: int
+    samples: int
+    pairs: int
+    exact: bool
+    layers: list[LayerSmoothing]
+    block_output_first: float
+    block_output_last: float
+    block_output_slope: float
+    mixer_output_slope: float
+    ratio_mean: float | None = None
+    ratio_le1_layers: float | None = None
+    ratio_le1_samples: float | None = None
+    spectrum: SpectrumResult | None = None
+    states_note: str | None = None
+
+
+class _Probe:
+    """Forward hooks that reduce each tensor to sharpness as soon as it exists.
+
+    With a kernels Recorder, the mixer hook also takes the layer's record (states, Ā extremes) right after
+    its scan ran, reduces it and drops it, so one forward needs only one layer's states at a time.
+    """
+
+    def __init__(self, adapter, pairs: int | None, seed: int, recorder=None, advance=None):
+        self.pairs, self.seed, self.recorder, self.advance = pairs, seed, recorder, advance
+        self.family = adapter.family
+        self.values: dict[tuple[int, str], Sharpness] = {}
+        self.abar: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = []
+        for i, block in enumerate(adapter.blocks()):
+            self.handles.append(block.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self.handles.append(block.register_forward_hook(self._post(i, "block_output")))
+            self.handles.append(adapter.mixer_norm(block).register_forward_hook(self._post(i, "mixer_input")))
+            self.handles.append(adapter.mixer(block).register_forward_hook(self._post(i, "mixer_output")))
+
+    def _measure(self, layer: int, where: str, tensor: torch.Tensor) -> None:
+        self.values[(layer, where)] = compute_sharpness(tensor[0], self.pairs, self.seed)  # (l, hidden)
+
+    def _pre(self, layer: int):
+        def hook(module, args, kwargs):
+            self._measure(layer, "block_input", args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    def _post(self, layer: int, where: str):
+        def hook(module, args, output):
+            self._measure(layer, where, output[0] if isinstance(output, (tuple, list)) else output)
+            if where == "mixer_output" and self.recorder is not None:
+                self._take_record(layer, self.recorder.layers.pop(getattr(module, "layer_idx", layer)))
+            if where == "block_output" and self.advance:
+                self.advance(1)
+        return hook
+
+    def _take_record(self, layer: int, rec) -> None:
+        if rec.states is not None:
+            self.values[(layer, "states")] = compute_sharpness(_state_parts(rec.states[0], self.family),
+                                                               self.pairs, self.seed)
+        if rec.abar_min is not None:
+            self.abar[layer] = (rec.abar_min.float().cpu(), rec.abar_max.float().cpu())
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _state_parts(states: torch.Tensor, family: str) -> torch.Tensor:
+    """One sample's recorded states as (l, parts, features): Mamba-1 (l, d, n) -> one part; Mamba-2 per head."""
+    if family == "mamba2":  # (l, h, p, n)
+        return states.flatten(2)
+    return states.flatten(1).unsqueeze(1)  # (l, 1, d·n)
+
+
+def states_available() -> str | None:
+    """None when the kernels' record API can be used, else why not."""
+    try:
+        from ..kernels import patch  # noqa: F401
+    except ImportError:
+        return "ssmdiag.kernels.patch is not available: memory states and the Ā spectrum were not measured"
+    return None
+
+
+def _recording(model, states: bool, spectrum: bool):
+    """The kernels' recorder for every SSM layer, or a no-op context."""
+    if not (states or spectrum):
+        return contextlib.nullcontext(None)
+    from ..kernels import patch
+
+    return patch.record(model, layers=None, states="all" if states else None, abar_stats=spectrum)
+
+
+def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = "mean", pairs: int | None = None,
+                      seed: int = 0, spectrum: bool = True, states: bool = True,
+                      advance: Callable[[int], Any] | None = None) -> SmoothingResult:
+    """Layerwise sharpness (and, for SSMs, state sharpness and the Ā spectrum) of `model` on `input_ids`.
+
+    Args:
+        input_ids: (samples, l) token ids; each sample is one sequence whose tokens are compared.
+        metric: one of METRICS, for the summary fields (every metric is kept per layer).
+        pairs: None -> every pair of tokens; N -> N sampled pairs per sequence (when fewer than all pairs).
+        spectrum: record per-channel min/max of Ā (SSMs only). states: measure memory states (SSMs only).
+        advance: progress callback, called once per block and sample.
+    """
+    note = states_available() if adapter.is_ssm and (states or spectrum) else None
+    want_states = adapter.is_ssm and states and note is None
+    want_spectrum = adapter.is_ssm and spectrum and note is None
+    device = next(model.parameters()).device
+    per_sample: list[dict[tuple[int, str], Sharpness]] = []
+    abar_lo: dict[int, torch.Tensor] = {}
+    abar_hi: dict[int, torch.Tensor] = {}
+    for s in range(input_ids.shape[0]):
+        with torch.no_grad(), _recording(model, want_states, want_spectrum) as recorder:
+            probe = _Probe(adapter, pairs, seed + s, recorder, advance)
+            try:
+                adapter.base()(input_ids=input_ids[s:s + 1].to(device), use_cache=False)
+            finally:
+                probe.remove()
+        per_sample.append(probe.values)
+        for i, (lo, hi) in probe.abar.items():
+            abar_lo[i] = torch.minimum(abar_lo[i], lo) if i in abar_lo else lo
+            abar_hi[i] = torch.maximum(abar_hi[i], hi) if i in abar_hi else hi
+    layers = [_layer_result(i, per_sample, metric) for i in range(len(adapter.blocks()))]
+    spec = None
+    if want_spectrum:
+        ids = sorted(abar_lo)
+        spec = summarize_spectrum([abar_lo[i] for i in ids], [abar_hi[i] for i in ids], ids)
+    return _summarize(layers, adapter.family, adapter.is_ssm, metric, input_ids.shape, spec, note)
+
+
+def _layer_result(layer: int, per_sample: list[dict], metric: str) -> LayerSmoothing:
+    """Average one layer's per-sample sharpness; the state / mixer-input ratios."""
+
+    def avg(where: str) -> Sharpness | None:
+        items = [v[(layer, where)] for v in per_sample if (layer, where) in v]
+        return average_sharpness(items) if items else None
+
+    res = LayerSmoothing(layer=layer, block_input=avg("block_input"), mixer_input=avg("mixer_input"),
+                         mixer_output=avg("mixer_output"), block_output=avg("block_output"), states=avg("states"))
+    if res.states is not None:
+        res.ratio = {m: _ratio(res.states.get(m), res.mixer_input.get(m)) for m in METRICS}
+        res.ratio_samples = [_ratio(v[(layer, "states")].get(metric), v[(layer, "mixer_input")].get(metric))
+                             for v in per_sample]
+    return res
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return 1.0 if num == 0 else float("inf")
+
+
+def _summarize(layers: list[LayerSmoothing], family: str, is_ssm: bool, metric: str, shape, spec, note):
+    """Model-level numbers: first/last block-output sharpness, slopes over depth, ratio statistics."""
+    block_out = [la.block_output.get(metric) for la in layers]
+    mixer_out = [la.mixer_output.get(metric) for la in layers]
+    first = layers[0].block_output
+    res = SmoothingResult(
+        family=family, is_ssm=is_ssm, metric=metric, seq_len=int(shape[1]), samples=int(shape[0]),
+        pairs=first.pairs, exact=first.exact, layers=layers, block_output_first=block_out[0],
+        block_output_last=block_out[-1], block_output_slope=depth_slope(block_out),
+        mixer_output_slope=depth_slope(mixer_out), spectrum=spec, states_note=note)
+    ratios = [la.ratio[metric] for la in layers if la.ratio is not None]
+    if ratios:
+        per_sample = [r for la in layers for r in la.ratio_samples]
+        res.ratio_mean = sum(ratios) / len(ratios)
+        res.ratio_le1_layers = sum(r <= 1 for r in ratios) / len(ratios)
+        res.ratio_le1_samples = sum(r <= 1 for r in per_sample) / len(per_sample)
+    return res

@@ -1,0 +1,92 @@
+"""Figures of `ssmdiag smooth`: layerwise sharpness (paper Fig. 5) and the Ā spectrum (Fig. 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import color, new_figure, save_figure
+
+METRIC_LABEL = {"mean": "mean pairwise distance", "max": "max pairwise distance",
+                "scale_free": "mean pairwise distance / mean norm"}
+
+
+def _depth_axis(results) -> tuple[bool, str]:
+    """Normalise depth to [0, 1] when the models' depths differ."""
+    depths = {len(r.layers) for _, r in results}
+    return (len(depths) > 1, "depth (layer / (layers − 1))" if len(depths) > 1 else "layer")
+
+
+def _xs(n: int, normalise: bool) -> list[float]:
+    return [i / max(n - 1, 1) for i in range(n)] if normalise else list(range(n))
+
+
+def _log_if_wide(ax, values: list[float]) -> None:
+    pos = [v for v in values if v and v > 0]
+    if pos and max(pos) / min(pos) > 30:
+        ax.set_yscale("log")
+
+
+def plot_sharpness(results: list[tuple[str, object]], path: Path) -> Path:
+    """Three panels: (a) state / mixer-input sharpness ratio per layer, (b) mixer output, (c) block output.
+
+    Args:
+        results: (model name, SmoothingResult) pairs; depths may differ (then depth is normalised).
+    """
+    normalise, xlabel = _depth_axis(results)
+    fig, (ax_r, ax_m, ax_b) = new_figure(3, width=5.0, height=3.8)
+    metric = results[0][1].metric
+    all_m, all_b = [], []
+    for k, (name, res) in enumerate(results):
+        xs = _xs(len(res.layers), normalise)
+        c = color(k)
+        ratios = [la.ratio[metric] if la.ratio else None for la in res.layers]
+        if any(r is not None for r in ratios):
+            ax_r.plot([x for x, r in zip(xs, ratios) if r is not None], [r for r in ratios if r is not None],
+                      "o-", ms=3, color=c, label=name)
+        else:
+            ax_r.plot([], [], color=c, label=f"{name} (no memory states)")
+        mixer = [la.mixer_output.get(metric) for la in res.layers]
+        block = [la.block_output.get(metric) for la in res.layers]
+        all_m += mixer
+        all_b += block
+        ax_m.plot(xs, mixer, "o-", ms=3, color=c, label=name)
+        ax_b.plot(xs, block, "o-", ms=3, color=c, label=name)
+    ax_r.axhline(1.0, color="grey", lw=1, ls="--")
+    _log_if_wide(ax_r, [r for _, res in results for la in res.layers if la.ratio for r in [la.ratio[metric]]] + [1.0])
+    ax_r.set_title("(a) states / mixer input")
+    ax_r.set_ylabel(f"ratio of {METRIC_LABEL[metric]}", fontsize=8)
+    ax_m.set_title("(b) mixer output")
+    ax_b.set_title("(c) block output")
+    for ax, vals in ((ax_m, all_m), (ax_b, all_b)):
+        ax.set_ylabel(METRIC_LABEL[metric], fontsize=8)
+        _log_if_wide(ax, vals)
+    for ax in (ax_r, ax_m, ax_b):
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_spectrum(results: list[tuple[str, object]], path: Path) -> Path:
+    """Two panels: share of channels whose max (solid) / min (dashed) Ā is below a threshold, and a
+    histogram of memory horizons 1 / (1 − max Ā). Models without a spectrum are left out."""
+    fig, (ax_c, ax_h) = new_figure(2, width=5.2, height=3.8)
+    for k, (name, res) in enumerate(results):
+        spec = res.spectrum
+        if spec is None:
+            continue
+        c = color(k)
+        ax_c.plot(spec.thresholds, spec.curve_max, color=c, label=f"{name}: max_t Ā")
+        ax_c.plot(spec.thresholds, spec.curve_min, color=c, ls="--", label=f"{name}: min_t Ā")
+        total = sum(spec.horizon_counts) or 1
+        edges = spec.horizon_edges + [spec.horizon_edges[-1] * 10 ** 0.25]
+        ax_h.stairs([n / total for n in spec.horizon_counts], edges, color=c, label=name)
+    ax_c.set_xlabel("threshold τ")
+    ax_c.set_ylabel("share of channels with Ā < τ")
+    ax_c.set_title("Ā spectrum (per channel, over tokens)")
+    ax_h.set_xscale("log")
+    ax_h.set_xlabel("memory horizon 1 / (1 − max_t Ā)  [tokens]")
+    ax_h.set_ylabel("share of channels")
+    ax_h.set_title("memory horizons")
+    for ax in (ax_c, ax_h):
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
