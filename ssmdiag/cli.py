@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("presets", "presets", "List the built-in architecture presets usable with --init random."),
     ("smooth", "smooth", "Layerwise sharpness, memory-state smoothing and the Ā spectrum (over-smoothing)."),
     ("influence", "influence", "Influence-score decay with distance: per-distance curves, exponential fit, plots."),
+    ("needle", "needle", "Needle in a haystack: counterfactual needles over lengths × depths, resumable grids."),
 ]
 
 app = typer.Typer(
