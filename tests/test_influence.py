@@ -203,3 +203,11 @@ def test_closed_form_rate_agrees_with_gradients_on_one_layer():
         np.testing.assert_allclose(closed[0, i, 0], mine, rtol=1e-4)
     layers = summarize_layers(closed, [L - 1], (grad_fit.fit_lo, grad_fit.fit_hi))
     assert layers[0].decay_rate == pytest.approx(grad_fit.decay_rate, rel=0.3)
+
+
+def test_per_layer_rows_on_mamba2_are_finite_and_causal():
+    model = make_model("mamba2")
+    ids = torch.randint(0, 384, (1, 20), generator=torch.Generator().manual_seed(0))
+    rows = per_layer_rows(model, get_adapter(model), ids, [10, 19])  # (layers, samples, T, l)
+    assert rows.shape == (2, 1, 2, 20) and np.isfinite(rows).all()
+    assert (rows[:, :, 0, 11:] == 0).all() and (rows[:, :, 0, :11] > 0).all()
