@@ -19,8 +19,10 @@ exp is a vectorisable polynomial for float32 (the libm call does not vectorise a
 float64 uses math.exp, so float64 gradcheck runs these same kernels.
 """
 
+import contextlib
 import math
 
+import numba
 import numpy as np
 import torch
 from llvmlite import ir
@@ -28,8 +30,9 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 _FASTMATH = {"reassoc", "contract"}  # reorder sums and fuse multiply-adds; never assume no NaN/inf
-DB = 64  # channels per task
-CHUNK = 32  # checkpoint interval (time steps) for the backward recompute
+DB = 64  # channels per task (read at call time: tests shrink it)
+CHUNK = 32  # checkpoint interval (time steps) for the backward recompute (idem)
+SERIAL_BELOW = 1 << 20  # b*l*d*n below which one thread runs the kernel (a parallel region costs more)
 
 
 @intrinsic
@@ -73,7 +76,7 @@ def _fexp_overload(x):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def scan_fwd(u, dt, AT, B, C, h0, slot, y, states, hck, K):
+def scan_fwd(u, dt, AT, B, C, h0, slot, y, states, hck, K, DB):
     """Forward scan.
 
     Args:
@@ -81,7 +84,7 @@ def scan_fwd(u, dt, AT, B, C, h0, slot, y, states, hck, K):
         AT: (n, d) transposed A.   B, C: (b, l, n).   h0: (b, n, d) initial state.
         slot: (l,) int64, index into states' dim 1 where h_t is stored, or -1.
         y: (b, l, d) output.   states: (b, S, d, n) output.   hck: (b, ceil(l/K), n, d) output,
-        hck[:, c] = state before step c*K.
+        hck[:, c] = state before step c*K.   K: checkpoint interval.   DB: channels per task.
     """
     nb, nl, nd = u.shape
     nn = AT.shape[0]
@@ -123,7 +126,7 @@ def scan_fwd(u, dt, AT, B, C, h0, slot, y, states, hck, K):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def scan_bwd(u, dt, AT, B, C, hck, slot, gy, gstates, K, du, ddt, dAT, dB, dC, dh0):
+def scan_bwd(u, dt, AT, B, C, hck, slot, gy, gstates, K, DB, du, ddt, dAT, dB, dC, dh0):
     """Backward scan: gradients of (y, states) -> inputs.
 
     Args (beyond scan_fwd's): gy (b, l, d), gstates (b, S, d, n) upstream gradients.
@@ -203,6 +206,20 @@ def scan_bwd(u, dt, AT, B, C, hck, slot, gy, gstates, K, du, ddt, dAT, dB, dC, d
                 dh0[b, n, d0 + j] = g[n, j]
 
 
+@contextlib.contextmanager
+def _threads_for(work: int):
+    """One thread for small problems: waking the pool (worse on a busy machine) costs more than it saves."""
+    if work >= SERIAL_BELOW or numba.get_num_threads() == 1:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 def scan_forward(u, dt, AT, B, C, h0, slot, S):
     """Engine entry (torch in, torch out): y (b, l, d), states (b, S, d, n), saved checkpoints."""
     bsz, length, dim = u.shape
@@ -210,9 +227,10 @@ def scan_forward(u, dt, AT, B, C, h0, slot, S):
     y = u.new_empty(bsz, length, dim)
     states = u.new_empty(bsz, S, dim, n)
     hck = u.new_empty(bsz, (length + CHUNK - 1) // CHUNK, n, dim)
-    scan_fwd(u.detach().numpy(), dt.detach().numpy(), AT.detach().numpy(), B.detach().numpy(),
-             C.detach().numpy(), h0.detach().numpy(), slot.numpy(), y.numpy(), states.numpy(), hck.numpy(),
-             CHUNK)
+    with _threads_for(u.numel() * n):
+        scan_fwd(u.detach().numpy(), dt.detach().numpy(), AT.detach().numpy(), B.detach().numpy(),
+                 C.detach().numpy(), h0.detach().numpy(), slot.numpy(), y.numpy(), states.numpy(), hck.numpy(),
+                 CHUNK, DB)
     return y, states, (hck,)
 
 
@@ -227,7 +245,8 @@ def scan_backward(u, dt, AT, B, C, h0, saved, slot, gy, gstates):
     dB = u.new_empty(bsz, nblk, length, n)
     dC = u.new_empty(bsz, nblk, length, n)
     dh0 = u.new_empty(bsz, n, dim)
-    scan_bwd(u.numpy(), dt.numpy(), AT.numpy(), B.numpy(), C.numpy(), hck.numpy(), slot.numpy(),
-             gy.numpy(), gstates.numpy(), CHUNK, du.numpy(), ddt.numpy(), dAT.numpy(), dB.numpy(),
-             dC.numpy(), dh0.numpy())
+    with _threads_for(u.numel() * n):
+        scan_bwd(u.numpy(), dt.numpy(), AT.numpy(), B.numpy(), C.numpy(), hck.numpy(), slot.numpy(),
+                 gy.numpy(), gstates.numpy(), CHUNK, DB, du.numpy(), ddt.numpy(), dAT.numpy(), dB.numpy(),
+                 dC.numpy(), dh0.numpy())
     return du, ddt, dAT.sum(0), dB.sum(1), dC.sum(1), dh0
