@@ -155,8 +155,8 @@ def test_two_process_accelerate_run_matches_one_process(tiny_mamba2_dir, tmp_pat
     # on a machine without GPUs, --multi_gpu makes accelerate start N CPU processes (torchrun, gloo);
     # `--cpu --num_processes N` would need mpirun and a hostfile
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "ssmdiag", "needle", str(tiny_mamba2_dir), *GRID, "--samples", "2",
-           "--out", str(tmp_path / "two"), "--json"]
+           "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "ssmdiag", "needle",
+           str(tiny_mamba2_dir), *GRID, "--samples", "2", "--out", str(tmp_path / "two"), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

@@ -8,7 +8,7 @@ import torch
 from ssmdiag.loading import load_model
 from ssmdiag.metrics.prefill import ModelRunner, PrefixStates, check_state_carry
 
-FAMILIES = ["mamba", "mamba2", "gpt_neox", "falcon_mamba"]
+FAMILIES = ["mamba", "mamba2", "gpt_neox", "falcon_mamba", "mamba-hf"]  # mamba-hf: transformers' own scan
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
@@ -24,8 +24,10 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def models(tiny_mamba_dir, tiny_mamba2_dir, tiny_gpt_neox_dir, tiny_falcon_mamba_dir):
-    dirs = dict(zip(FAMILIES, [tiny_mamba_dir, tiny_mamba2_dir, tiny_gpt_neox_dir, tiny_falcon_mamba_dir]))
-    return {f: load_model(str(d), device="cpu", dtype="float32") for f, d in dirs.items()}
+    dirs = dict(zip(FAMILIES, [tiny_mamba_dir, tiny_mamba2_dir, tiny_gpt_neox_dir, tiny_falcon_mamba_dir,
+                               tiny_mamba_dir]))
+    return {f: load_model(str(d), device="cpu", dtype="float32", backend="hf" if f.endswith("-hf") else "auto")
+            for f, d in dirs.items()}
 
 
 def _ids(n: int, seed: int = 0) -> list[int]:
@@ -76,7 +78,7 @@ def test_save_restore_forks_the_state(models):
 
 
 def test_carry_check_catches_a_scan_that_restarts(models):
-    loaded = models["mamba"]
+    loaded = models["mamba-hf"]
     assert check_state_carry(loaded.model, "mamba", 384, torch.float32)[0]
     # without ssmdiag's carry, transformers' Mamba-1 restarts the scan at every multi-token segment
     ok, err = check_state_carry(loaded.model, "unpatched", 384, torch.float32)

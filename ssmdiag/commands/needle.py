@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..data.haystack import build_haystack
 from ..data.needles import PromptTemplate, resolve_needles
 from ..errors import SsmdiagError
 from ..loading import LoadOptions, load_models, require_tokenizer
@@ -28,7 +27,7 @@ def main(
     depths: Annotated[str, typer.Option(help="N evenly spaced depths 0-100, or percents: 0,25,50 or 50%.")] = "11",
     samples: Annotated[int, typer.Option(help="Needles per cell.")] = 1,
     needles: Annotated[str, typer.Option(help="counterfactual | magic | FILE.json.")] = "counterfactual",
-    haystack: Annotated[Optional[Path], typer.Option(help="Text FILE or DIR (sorted); default: generated prose.")] = None,
+    haystack: Annotated[Optional[Path], typer.Option(help="Text FILE or DIR (sorted); default: generated.")] = None,
     allow_repeat: Annotated[bool, typer.Option(help="Repeat a too-short --haystack.")] = False,
     chat: Annotated[bool, typer.Option(help="Use the tokenizer's chat template.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 16,
@@ -54,7 +53,7 @@ def main(
     grid = ng.prepare_grid(tok, loaded.adapter.max_positions(), resolve_needles(needles, samples, seed),
                            PromptTemplate(tok, chat), grid_lengths, grid_depths, max_new_tokens, haystack, seed,
                            allow_repeat)
-    ok, err = check_state_carry(loaded.model, loaded.family, len(tok), loaded.dtype)
+    ok, err = check_state_carry(loaded.model, loaded.family, min(len(tok), loaded.adapter.vocab_size), loaded.dtype)
     if not ok:
         console.warn(f"segmented prefill does not match one-shot (rel. error {err:.2g}): prefilling in one piece")
     config = dict(lengths=grid_lengths, depths=grid_depths, samples=samples, needles=needles, chat=chat,

@@ -139,7 +139,9 @@ class Haystack:
 
     def boundary_near(self, target: float, limit: int) -> int:
         """The sentence boundary in [0, limit] nearest to token position `target` (`limit` itself counts)."""
-        cands = [b for b in self.boundaries[: bisect_left(self.boundaries, limit)]] + [limit]
+        k = bisect_left(self.boundaries, limit)  # boundaries[:k] lie inside the haystack
+        i = bisect_left(self.boundaries, target, 0, k)
+        cands = [limit] + [self.boundaries[j] for j in (i - 1, i) if 0 <= j < k]
         return min(cands, key=lambda b: (abs(b - target), b))
 
     def sentence_gap(self, position: int) -> int:

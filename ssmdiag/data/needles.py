@@ -97,7 +97,8 @@ def load_needles(path: Path) -> list[Needle]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise SsmdiagError(f"needles file '{path}' does not exist", hint="pass a JSON file, 'counterfactual' or 'magic'")
+        raise SsmdiagError(f"needles file '{path}' does not exist",
+                           hint="pass a JSON file, 'counterfactual' or 'magic'")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -231,8 +232,8 @@ class PromptTemplate:
                                hint="use longer --lengths")
         return h
 
-    def build(self, hay: Haystack, needle: Needle, length: int, depth: float) -> Prompt:
-        """The prompt of exactly `length` tokens with the needle at the boundary nearest `depth`% of the haystack."""
+    def place(self, hay: Haystack, needle: Needle, length: int, depth: float):
+        """(ids before the document, ids after it, needle ids, H, target position, boundary b)."""
         before, after = self.frame(needle)
         nid = self.needle_ids(needle, at_start=False)
         h = self._haystack_len(length, before, after, nid, needle)
@@ -242,6 +243,11 @@ class PromptTemplate:
             nid = self.needle_ids(needle, at_start=True)
             h = self._haystack_len(length, before, after, nid, needle)
             target = depth / 100.0 * h
+        return before, after, nid, h, target, b
+
+    def build(self, hay: Haystack, needle: Needle, length: int, depth: float) -> Prompt:
+        """The prompt of exactly `length` tokens with the needle at the boundary nearest `depth`% of the haystack."""
+        before, after, nid, h, target, b = self.place(hay, needle, length, depth)
         ids = before + hay.ids[:b] + nid + hay.ids[b:h] + after
         return Prompt(ids=ids, prefix_len=len(before) + b, needle_len=len(nid), haystack_len=h, boundary=b,
                       target=target, depth_actual=100.0 * b / h, answer_ids=self.answer_ids(needle.answer),

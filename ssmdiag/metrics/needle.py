@@ -110,8 +110,8 @@ def score_prompt(runner: ModelRunner, cache: Any, prompt: Prompt, needle: Needle
         rank_real = token_rank(last, prompt.real_answer_ids[0])
     generation = decode(greedy(runner, runner.restore(cache, mark), last, max_new_tokens, eos))
     return SampleScore(
-        needle_id=needle.id, prompt_sha256=prompt.sha256, context_tokens=len(prompt.ids), needle_token=prompt.prefix_len,
-        needle_tokens=prompt.needle_len, haystack_tokens=prompt.haystack_len, depth_target=depth,
+        needle_id=needle.id, prompt_sha256=prompt.sha256, context_tokens=len(prompt.ids),
+        needle_token=prompt.prefix_len, needle_tokens=prompt.needle_len, haystack_tokens=prompt.haystack_len, depth_target=depth,
         depth_actual=prompt.depth_actual, generation=generation, match=bool(answer_matches(generation, needle.answer)),
         real_match=answer_matches(generation, needle.real_answer), logp_answer=logp, logp_real=logp_real,
         logp_diff=None if logp_real is None else logp - logp_real, rank_answer=token_rank(last, prompt.answer_ids[0]),

@@ -136,9 +136,11 @@ class GridRun:
 
     def cells(self) -> list[tuple[int, float]]:
         """Every (length, depth), ordered by the needle's token position so one haystack walk serves them all."""
-        grid = [(n, d) for n in self.lengths for d in self.depths]
-        first = self.needles[0]
-        return sorted(grid, key=lambda c: (self.template.build(self.hay, first, c[0], c[1]).prefix_len, c))
+        def position(cell: tuple[int, float]) -> tuple[int, tuple[int, float]]:
+            before, _, _, _, _, boundary = self.template.place(self.hay, self.needles[0], *cell)
+            return len(before) + boundary, cell
+
+        return sorted(((n, d) for n in self.lengths for d in self.depths), key=position)
 
 
 def prepare_grid(tok: Any, max_positions: int | None, needles: list[Needle], template: PromptTemplate,

@@ -8,7 +8,8 @@ transformers 5.23 carries Mamba-2's SSM state into a multi-token segment (`initi
 Mamba-1 / FalconMamba mixers restart the selective scan from zero on every multi-token call and only use
 the cached SSM state for one-token decoding. `carry_ssm_state` therefore routes those continuation
 segments through `mamba1_continue`, an exact re-statement of the mixer (Gu & Dao 2023, Alg. 2) that
-starts its scan from the cached state. `check_state_carry` verifies segmented == one-shot logits on the
+starts its scan from the cached state (with ssmdiag.kernels' scan when the loader routed the model through
+them, else a plain sequential loop). `check_state_carry` verifies segmented == one-shot logits on the
 loaded model before a run relies on it, whatever scan the mixers were routed through.
 """
 
@@ -50,6 +51,21 @@ def _selective_scan_from(u, delta, A, B, C, h0):
     return torch.cat(ys, -1), h
 
 
+def _scan_from(mixer: nn.Module, u, delta, A, B, C, h0):
+    """The selective scan from h0 through the scan the model's mixers were routed to by the loader
+    (ssmdiag.kernels, which take an initial state), else the sequential loop above. Shapes as there."""
+    backend = getattr(mixer, "_ssmdiag_backend", None)
+    if backend is not None:
+        try:
+            from ..kernels import selective_scan
+        except ImportError:  # a checkout without the kernels: the loop is exact too
+            backend = None
+    if backend is None:
+        return _selective_scan_from(u, delta, A, B, C, h0)
+    return selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), initial_state=h0,
+                          return_states="last", backend=backend)
+
+
 def mamba1_continue(mixer: nn.Module, hidden_states: torch.Tensor, cache: Any) -> torch.Tensor:
     """A Mamba-1 / FalconMamba mixer on a multi-token segment that continues from `cache` (updated in place).
 
@@ -70,7 +86,7 @@ def mamba1_continue(mixer: nn.Module, hidden_states: torch.Tensor, cache: Any) -
     delta = F.softplus((mixer.dt_proj.weight @ dt.transpose(1, 2)).float()
                        + mixer.dt_proj.bias.float()[:, None])                   # (b, d, l)
     A = -torch.exp(mixer.A_log.float())                                         # (d, n)
-    y, h_last = _selective_scan_from(x.float(), delta, A, B.float(), C.float(), h0)
+    y, h_last = _scan_from(mixer, x.float(), delta, A, B.float(), C.float(), h0)
     y = (y + x.float() * mixer.D.float()[None, :, None]) * F.silu(z.float())
     cache.update_recurrent_state(h_last.to(h0.dtype), idx)
     return mixer.out_proj(y.transpose(1, 2).to(dtype))
