@@ -91,6 +91,7 @@ def nan_mamba_dir(tmp_path_factory, tiny_tokenizer_dir):
     (["--fit-range", "3:4"], "at least 3"),
     (["--estimator", "exact"], "unknown --estimator"),
     (["--probes", "0"], "at least 1"),
+    (["--samples", "0"], "at least 1"),
 ])
 def test_bad_arguments_fail_before_loading(tiny_mamba_dir, tmp_path, extra, message):
     assert message in _error(_invoke([str(tiny_mamba_dir), "--seq-len", "24", *extra], tmp_path))

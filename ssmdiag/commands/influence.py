@@ -40,7 +40,7 @@ def main(
 ) -> None:
     """Influence-score decay (paper Thm 3.1, Fig. 1 and 7): per-distance curves, exponential fit, plots."""
     console.set_quiet(quiet)
-    check_choices(estimator, output, probes, grad_dtype, aggregate)
+    check_choices(estimator, output, probes, grad_dtype, aggregate, samples)
     check_seq_len(seq_len, [])
     target_list = parse_targets(targets, seq_len)
     cfg = InfluenceConfig(seq_len=seq_len, samples=samples, targets=target_list, estimator=estimator, probes=probes,

@@ -116,7 +116,7 @@ def parse_targets(spec: str, seq_len: int) -> list[int]:
     return sorted(targets)
 
 
-def check_choices(estimator: str, output: str, probes: int, grad_dtype: str, statistic: str) -> None:
+def check_choices(estimator: str, output: str, probes: int, grad_dtype: str, statistic: str, samples: int = 1) -> None:
     """Validate the influence flags (one clear error per bad value)."""
     for flag, value, choices in (("--estimator", estimator, ESTIMATORS), ("--output", output, OUTPUTS),
                                  ("--grad-dtype", grad_dtype, GRAD_DTYPES), ("--aggregate", statistic,
@@ -125,6 +125,8 @@ def check_choices(estimator: str, output: str, probes: int, grad_dtype: str, sta
             raise SsmdiagError(f"unknown {flag} '{value}'", hint=f"use one of: {', '.join(choices)}")
     if probes < 1:
         raise SsmdiagError(f"--probes {probes} must be at least 1")
+    if samples < 1:
+        raise SsmdiagError(f"--samples {samples} must be at least 1")
 
 
 def make_forward(adapter, output: str = "hidden") -> Callable[[torch.Tensor], torch.Tensor]:
