@@ -120,12 +120,12 @@ def test_linear_model_rates_and_frobenius_estimate():
     fwd = _linear_forward(0.9, M)
     x = torch.randn(1, 30, 6)
     g = influence_rows(fwd, x, [29], "grad", generator=torch.Generator().manual_seed(0)).numpy()
-    j = influence_rows(fwd, x, [29], "jacobian", probes=400, generator=torch.Generator().manual_seed(0)).numpy()
+    j = influence_rows(fwd, x, [29], "jacobian", probes=64, generator=torch.Generator().manual_seed(0)).numpy()
     for rows in (g, j):  # both exactly exponential in distance: the same rate, -ln 0.9
         summary, _ = summarize_influence(rows, [29], (1, 28))
         assert summary.fit.decay_rate == pytest.approx(-math.log(0.9), rel=1e-4)
     exact = 0.9 ** np.arange(29, -1, -1) * torch.linalg.matrix_norm(M).item()  # ‖a^{t-s} M‖_F
-    np.testing.assert_allclose(j[0, 0], exact, rtol=0.1)
+    np.testing.assert_allclose(j[0, 0], exact, rtol=0.05)
 
 
 # --- analytic SSMs and tiny models ----------------------------------------------------------------
