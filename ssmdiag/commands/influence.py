@@ -26,7 +26,8 @@ def main(
     seq_len: Annotated[int, Opt("--seq-len", help="Tokens per sample.")] = 512,
     samples: Annotated[int, Opt("--samples", help="Sequences to average over.")] = 4,
     targets: Annotated[str, Opt("--targets", help="last | middle | comma list of positions.")] = "last",
-    estimator: Annotated[str, Opt("--estimator", help="grad: ∂‖y_t‖/∂x_s | jacobian: ‖∂y_t/∂x_s‖_F (probes).")] = "grad",
+    estimator: Annotated[str, Opt("--estimator", help="grad: ‖uᵀ∂y_t/∂x_s‖, one fixed random readout u | "
+                                                      "jacobian: ‖∂y_t/∂x_s‖_F from --probes readouts.")] = "grad",
     probes: Annotated[int, Opt("--probes", help="Random projections per target for --estimator jacobian.")] = 4,
     output: Annotated[str, Opt("--output", help="hidden: final hidden state before the head | logits.")] = "hidden",
     fit_range: Annotated[str, Opt("--fit-range", help="Distances LO:HI for the fit, or auto.")] = "auto",
