@@ -24,6 +24,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("smooth", "smooth", "Layerwise sharpness, memory-state smoothing and the Ā spectrum (over-smoothing)."),
     ("influence", "influence", "Influence-score decay with distance: per-distance curves, exponential fit, plots."),
     ("needle", "needle", "Needle in a haystack: counterfactual needles over lengths × depths, resumable grids."),
+    ("polarize", "polarize", "Polarize state channels (Ā ≡ 1 / Ā ≡ 0): patch a checkpoint, fine-tune it, or train the MQAR grid."),
 ]
 
 app = typer.Typer(

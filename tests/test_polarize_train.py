@@ -1,0 +1,108 @@
+"""Training: polarized A entries bit-identical through AdamW, --trainable new, loss falls on MQAR, exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tinymodels import make_model
+
+from ssmdiag.data.mqar import generate_mqar
+from ssmdiag.mqar_grid import build_variant, get_preset
+from ssmdiag.polarize import polarized_masks
+from ssmdiag.polarize_surgery import polarize_model
+from ssmdiag.train import LMLoss, TrainConfig, train_model
+
+VOCAB = 384
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One compute thread: on a shared, loaded 2-core machine OpenMP/numba spin-waits make 2 threads 10x slower."""
+    import numba
+
+    saved = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved[0])
+    numba.set_num_threads(saved[1])
+
+
+def mqar_batches(vocab: int, length: int = 32, pairs: int = 4, batch: int = 8, seed: int = 0):
+    def fn(step: int):
+        b = generate_mqar(vocab, length, pairs, batch, seed * 1000 + step)
+        return b.inputs, b.labels
+    return fn
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_polarized_entries_stay_bit_identical(family):
+    model, _ = polarize_model(make_model(family), "both", "add")
+    masks = polarized_masks(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = TrainConfig(steps=4, lr=1e-2, weight_decay=0.1, eval_every=100, early_stop=None)
+    res = train_model(model, mqar_batches(VOCAB), cfg)
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        assert torch.equal(params[name].detach()[m], before[name][m])  # bit-identical
+        assert not torch.equal(params[name].detach()[~m], before[name][~m])  # the rest did train
+    assert res.frozen_intact is True and res.frozen_entries == sum(int(m.sum()) for m in masks.values())
+    assert not torch.equal(params["backbone.layers.0.mixer.in_proj.weight"], before["backbone.layers.0.mixer.in_proj.weight"])
+
+
+def test_trainable_new_changes_only_the_new_entries():
+    from ssmdiag.polarize import new_entry_masks
+
+    model, _ = polarize_model(make_model("mamba"), "both", "add")
+    keep = new_entry_masks(model)
+    frozen = polarized_masks(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    res = train_model(model, mqar_batches(VOCAB), TrainConfig(steps=3, lr=1e-2, trainable="new", early_stop=None))
+    for name, p in model.named_parameters():
+        if name not in keep:
+            assert torch.equal(p.detach(), before[name]), name
+            continue
+        still = ~keep[name] | frozen.get(name, torch.zeros_like(keep[name]))
+        assert torch.equal(p.detach()[still], before[name][still]), name
+    x = dict(model.named_parameters())["backbone.layers.0.mixer.x_proj.weight"]
+    assert not torch.equal(x.detach(), before["backbone.layers.0.mixer.x_proj.weight"])  # C rows moved off zero
+    assert res.trainable_params < sum(p.numel() for p in model.parameters())
+
+
+def test_loss_falls_on_a_tiny_mqar_task():
+    preset = get_preset("micro", vocab_size=64, d_model=32)
+    model = build_variant(preset, "both", 2, seed=0)
+    losses = []
+    train_model(model, mqar_batches(64, 16, 2, 32), TrainConfig(steps=40, lr=1e-2, early_stop=None),
+                on_step=lambda s, v: losses.append(v))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+
+
+def test_text_loss_trains_through_lmloss():
+    model = make_model("mamba")
+    ids = torch.randint(0, VOCAB, (4, 24))
+    res = train_model(model, lambda s: (ids, ids), TrainConfig(steps=3, lr=1e-2, early_stop=None), loss=LMLoss)
+    assert res.steps_done == 3 and res.frozen_intact is None
+
+
+def test_resume_continues_exactly(tmp_path):
+    """A run killed after step 3 resumes from its last saved step (2) and ends where a straight run ends."""
+    def fresh():
+        return polarize_model(make_model("mamba", seed=1), "both", "add")[0]
+
+    cfg = TrainConfig(steps=6, lr=1e-2, save_every=2, eval_every=100, early_stop=None)
+    straight = fresh()
+    train_model(straight, mqar_batches(VOCAB), cfg)
+
+    def crash(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(fresh(), mqar_batches(VOCAB), cfg, run_dir=tmp_path, on_step=crash)
+    resumed = fresh()
+    res = train_model(resumed, mqar_batches(VOCAB), cfg, run_dir=tmp_path)
+    assert res.resumed_from == 2 and res.steps_done == 6 and res.frozen_intact
+    for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
