@@ -26,7 +26,10 @@ def _conv_act(mixer, x: torch.Tensor) -> torch.Tensor:
 
 
 def mamba1_scan(mixer, hidden: torch.Tensor):
-    """Mamba-1 mixer forward with every state: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t. Returns (out, states (b,l,d,n))."""
+    """Mamba-1 mixer forward with every state: h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t.
+
+    Returns (out, states (b, l, d, n)).
+    """
     u, z = mixer.in_proj(hidden).chunk(2, dim=-1)  # (b, l, d)
     u = _conv_act(mixer, u)
     r, n = mixer.time_step_rank, mixer.ssm_state_size
@@ -174,6 +177,26 @@ def test_abar_spectrum_of_hand_set_layer_matches_closed_form():
 
 
 # --- the model-level measurement -----------------------------------------------------------------------
+@needs_record
+def test_states_over_a_position_subset_when_over_budget():
+    from ssmdiag.kernels import patch
+    from ssmdiag.metrics.sharpness import compute_sharpness
+    from ssmdiag.metrics.smoothing import state_positions
+
+    model = make_model("mamba", seed=11, num_hidden_layers=1)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(4))
+    floats = adapter.d_inner * adapter.d_state
+    res = measure_smoothing(model, adapter, ids, state_budget=4 * floats * 12, seed=5)
+    assert res.state_tokens == 12
+    pos = state_positions(40, floats, 4 * floats * 12, 5)
+    with torch.no_grad(), patch.record(model, states="all") as rec:
+        model(ids)
+    want = compute_sharpness(rec.layers[0].states[0, pos].flatten(1), seed=5)
+    assert res.layers[0].states.mean == pytest.approx(want.mean, rel=1e-5)
+    assert measure_smoothing(model, adapter, ids).state_tokens == 40
+
+
 def test_transformer_has_no_states_and_no_spectrum():
     model = make_model("gpt_neox", seed=9, num_hidden_layers=3)
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(2))

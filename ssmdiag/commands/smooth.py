@@ -44,6 +44,8 @@ def main(
         raise SsmdiagError(f"unknown --metric '{metric}'", hint="use mean, max or scale-free")
     if pairs is not None and pairs < 1:
         raise SsmdiagError(f"--pairs {pairs} must be at least 1", hint="omit --pairs to measure every pair")
+    if samples < 1:
+        raise SsmdiagError(f"--samples {samples} must be at least 1")
     check_seq_len(seq_len, [])
     opts = LoadOptions(init=init, dtype=dtype, device=device, tokenizer=tokenizer, seed=seed,
                        trust_remote_code=trust_remote_code, backend=backend)
@@ -54,9 +56,10 @@ def main(
     else:
         ids = random_token_batch(shared_vocab([m.adapter.vocab_size for m in loaded]), seq_len, samples, seed)
         inputs = [ids] * len(loaded)
+    notes = []
     if pairs is None and seq_len > EXACT_MAX_TOKENS:
         pairs = DEFAULT_PAIRS
-        console.warn(f"{seq_len} tokens: sampling {pairs:,} pairs per sequence (set --pairs to change)")
+        notes.append(f"{seq_len} tokens: sampling {pairs:,} token pairs per sequence (set --pairs to change)")
     config = {"seq_len": seq_len, "samples": samples, "text": text, "pairs": pairs, "metric": METRIC_NAMES[metric],
               "pair_mode": "exact" if pairs is None or pairs >= total_pairs(seq_len) else "sampled",
               "spectrum": spectrum, "init": init, "dtype": dtype, "device": device, "backend": backend,
@@ -65,16 +68,20 @@ def main(
     results = []
     for m, ids in zip(loaded, inputs):
         if spectrum and not m.adapter.is_ssm:
-            run.note(f"--spectrum skipped for {m.name}: not an SSM ({m.family})")
-            console.warn(run.notes[-1])
+            notes.append(f"--spectrum skipped for {m.name}: not an SSM ({m.family})")
         steps = samples * m.adapter.num_layers
         with run.phase(f"measure:{m.name}"), console.progress(f"smooth {m.name}", steps) as advance:
             res = measure_smoothing(m.model, m.adapter, ids, metric=METRIC_NAMES[metric], pairs=pairs, seed=seed,
                                     spectrum=spectrum is not False, advance=advance)
         if res.states_note:
-            run.note(f"{m.name}: {res.states_note}")
-            console.warn(run.notes[-1])
+            notes.append(f"{m.name}: {res.states_note}")
+        if res.state_tokens is not None and res.state_tokens < seq_len:
+            notes.append(f"{m.name}: memory states compared at {res.state_tokens} random positions per sequence "
+                         "(every token's states would exceed the memory budget)")
         results.append((m.name, res))
+    for text_ in dict.fromkeys(notes):
+        run.note(text_)
+        console.warn(text_)
     with run.phase("plots"):
         plot_sharpness(results, run.add_plot("sharpness.png"))
         if any(r.spectrum for _, r in results):

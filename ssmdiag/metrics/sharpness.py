@@ -12,8 +12,8 @@ Exact mode walks the pair matrix in row chunks of the Gram matrix (never a T×T�
 translation invariant, so X is centred first: that removes the shared component which would otherwise cancel
 catastrophically in ‖x_i‖² + ‖x_j‖² − 2⟨x_i, x_j⟩ for over-smoothed (nearly equal) tokens; the Gram product
 and the distances run in float32 on the centred data (float64 input stays float64), every sum is accumulated
-in float64. Sampled mode (`pairs`) draws
-that many pairs i ≠ j uniformly and measures them directly; its maximum is then a lower bound.
+in float64. Sampled mode (`pairs`) draws that many pairs i ≠ j uniformly and measures them directly; its
+maximum is then a lower bound.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from .sharpness import METRICS, Sharpness, average_sharpness, compute_sharpness,
 from .spectrum import SpectrumResult, summarize_spectrum
 
 POSITIONS = ("block_input", "mixer_input", "states", "mixer_output", "block_output")
+STATE_BUDGET = 4 << 30  # bytes of one layer's states for one sequence (mamba-1.4b at 2048 tokens: 0.5 GiB)
 
 
 @dataclass
@@ -52,6 +53,8 @@ class SmoothingResult:
             ratio ≤ 1; ratio_le1_samples: the same over every (layer, sample).
         block_output_slope: least-squares slope of ln(block-output sharpness) per layer (relative change).
         states_note: why states were not measured, when they were not.
+        state_tokens: tokens per sequence whose states were compared (fewer than seq_len when the states of
+            every token would exceed the memory budget: then a seeded random subset of positions).
     """
 
     family: str
@@ -71,6 +74,7 @@ class SmoothingResult:
     ratio_le1_samples: float | None = None
     spectrum: SpectrumResult | None = None
     states_note: str | None = None
+    state_tokens: int | None = None
 
 
 class _Probe:
@@ -137,17 +141,30 @@ def states_available() -> str | None:
     return None
 
 
-def _recording(model, states: bool, spectrum: bool):
-    """The kernels' recorder for every SSM layer, or a no-op context."""
-    if not (states or spectrum):
+def state_positions(seq_len: int, token_floats: int, budget_bytes: int, seed: int) -> torch.Tensor | None:
+    """None (every token) when one layer's states fit the budget, else a sorted seeded subset of positions.
+
+    The mean pairwise distance over a uniform subset of tokens is an unbiased estimate of the full one;
+    the max is then a lower bound.
+    """
+    keep = budget_bytes // (4 * token_floats)
+    if keep >= seq_len:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(seq_len, generator=gen)[: max(2, keep)].sort().values
+
+
+def _recording(model, states, spectrum: bool):
+    """The kernels' recorder for every SSM layer (states: None | "all" | positions), or a no-op context."""
+    if states is None and not spectrum:
         return contextlib.nullcontext(None)
     from ..kernels import patch
 
-    return patch.record(model, layers=None, states="all" if states else None, abar_stats=spectrum)
+    return patch.record(model, layers=None, states=states, abar_stats=spectrum)
 
 
 def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = "mean", pairs: int | None = None,
-                      seed: int = 0, spectrum: bool = True, states: bool = True,
+                      seed: int = 0, spectrum: bool = True, states: bool = True, state_budget: int = STATE_BUDGET,
                       advance: Callable[[int], Any] | None = None) -> SmoothingResult:
     """Layerwise sharpness (and, for SSMs, state sharpness and the Ā spectrum) of `model` on `input_ids`.
 
@@ -156,17 +173,24 @@ def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = 
         metric: one of METRICS, for the summary fields (every metric is kept per layer).
         pairs: None -> every pair of tokens; N -> N sampled pairs per sequence (when fewer than all pairs).
         spectrum: record per-channel min/max of Ā (SSMs only). states: measure memory states (SSMs only).
+        state_budget: bytes one layer's states of one sequence may take; beyond, a subset of positions.
         advance: progress callback, called once per block and sample.
     """
     note = states_available() if adapter.is_ssm and (states or spectrum) else None
     want_states = adapter.is_ssm and states and note is None
     want_spectrum = adapter.is_ssm and spectrum and note is None
     device = next(model.parameters()).device
+    seq_len = input_ids.shape[1]
+    token_floats = (adapter.d_inner or 0) * (adapter.d_state or 0)
     per_sample: list[dict[tuple[int, str], Sharpness]] = []
+    positions = None
     abar_lo: dict[int, torch.Tensor] = {}
     abar_hi: dict[int, torch.Tensor] = {}
     for s in range(input_ids.shape[0]):
-        with torch.no_grad(), _recording(model, want_states, want_spectrum) as recorder:
+        if want_states:
+            positions = state_positions(seq_len, token_floats, state_budget, seed + s)
+        how = None if not want_states else ("all" if positions is None else positions.to(device))
+        with torch.no_grad(), _recording(model, how, want_spectrum) as recorder:
             probe = _Probe(adapter, pairs, seed + s, recorder, advance)
             try:
                 adapter.base()(input_ids=input_ids[s:s + 1].to(device), use_cache=False)
@@ -181,7 +205,10 @@ def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = 
     if want_spectrum:
         ids = sorted(abar_lo)
         spec = summarize_spectrum([abar_lo[i] for i in ids], [abar_hi[i] for i in ids], ids)
-    return _summarize(layers, adapter.family, adapter.is_ssm, metric, input_ids.shape, spec, note)
+    res = _summarize(layers, adapter.family, adapter.is_ssm, metric, input_ids.shape, spec, note)
+    if want_states:
+        res.state_tokens = seq_len if positions is None else len(positions)
+    return res
 
 
 def _layer_result(layer: int, per_sample: list[dict], metric: str) -> LayerSmoothing:
