@@ -197,6 +197,22 @@ def test_states_over_a_position_subset_when_over_budget():
     assert measure_smoothing(model, adapter, ids).state_tokens == 40
 
 
+@needs_record
+@pytest.mark.parametrize("family,dtype", [("mamba", torch.float32), ("mamba2", torch.float32),
+                                          ("falcon_mamba", torch.float32), ("mamba", torch.bfloat16)])
+def test_every_ssm_family_gets_states_and_spectrum(family, dtype):
+    model = make_model(family, seed=12).to(dtype)
+    adapter = get_adapter(model)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(5))
+    res = measure_smoothing(model, adapter, ids)
+    channels = adapter.n_heads if family == "mamba2" else adapter.d_inner * adapter.d_state
+    assert [sp.channels for sp in res.spectrum.layers] == [channels] * 2
+    for la in res.layers:
+        assert la.states.mean > 0 and math.isfinite(la.ratio["mean"]) and la.states.pairs == 120
+        assert len(la.states.parts_mean) == (adapter.n_heads if family == "mamba2" else 0)
+    assert 0 <= res.ratio_le1_layers <= 1 and res.state_tokens == 16
+
+
 def test_transformer_has_no_states_and_no_spectrum():
     model = make_model("gpt_neox", seed=9, num_hidden_layers=3)
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(2))
