@@ -75,15 +75,20 @@ def _fexp_overload(x):
     return lambda x: math.exp(x)
 
 
+@njit(inline="always", fastmath=_FASTMATH)
+def _sigmoid(x):
+    return 1 / (1 + fexp(-x))
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def scan_fwd(u, dt, AT, B, C, h0, slot, y, states, hck, K, DB):
-    """Forward scan.
+def scan_fwd(u, dt, AT, B, C, D, z, has_z, h0, slot, out, states, hck, K, DB):
+    """Forward scan with the D skip and the z gate: out_t = (C_t h_t + D u_t) * silu(z_t).
 
     Args:
-        u, dt: (b, l, d) input and step size (Δ after bias/softplus).
-        AT: (n, d) transposed A.   B, C: (b, l, n).   h0: (b, n, d) initial state.
+        u, dt, z: (b, l, d) input, step size Δ (after bias/softplus), gate (read when has_z).
+        AT: (n, d) transposed A.   B, C: (b, l, n).   D: (d,).   h0: (b, n, d) initial state.
         slot: (l,) int64, index into states' dim 1 where h_t is stored, or -1.
-        y: (b, l, d) output.   states: (b, S, d, n) output.   hck: (b, ceil(l/K), n, d) output,
+        out: (b, l, d) output.   states: (b, S, d, n) output.   hck: (b, ceil(l/K), n, d) output,
         hck[:, c] = state before step c*K.   K: checkpoint interval.   DB: channels per task.
     """
     nb, nl, nd = u.shape
@@ -95,6 +100,8 @@ def scan_fwd(u, dt, AT, B, C, h0, slot, y, states, hck, K, DB):
         w = min(DB, nd - d0)
         h = np.empty((nn, DB), u.dtype)
         x = np.empty(DB, u.dtype)
+        y = np.empty(DB, u.dtype)
+        Dd = D[d0:d0 + w]
         for n in range(nn):
             for j in range(w):
                 h[n, j] = h0[b, n, d0 + j]
@@ -105,10 +112,9 @@ def scan_fwd(u, dt, AT, B, C, h0, slot, y, states, hck, K, DB):
                         hck[b, t // K, n, d0 + j] = h[n, j]
             dtt = dt[b, t, d0:d0 + w]
             ut = u[b, t, d0:d0 + w]
-            yt = y[b, t, d0:d0 + w]
             for j in range(w):
                 x[j] = dtt[j] * ut[j]
-                yt[j] = 0.0
+                y[j] = Dd[j] * ut[j]
             for n in range(nn):
                 a = AT[n, d0:d0 + w]
                 bn = B[b, t, n]
@@ -117,7 +123,15 @@ def scan_fwd(u, dt, AT, B, C, h0, slot, y, states, hck, K, DB):
                 for j in range(w):
                     hv = fexp(dtt[j] * a[j]) * hn[j] + x[j] * bn
                     hn[j] = hv
-                    yt[j] += hv * cn
+                    y[j] += hv * cn
+            ot = out[b, t, d0:d0 + w]
+            if has_z:
+                zt = z[b, t, d0:d0 + w]
+                for j in range(w):
+                    ot[j] = y[j] * zt[j] * _sigmoid(zt[j])
+            else:
+                for j in range(w):
+                    ot[j] = y[j]
             s = slot[t]
             if s >= 0:
                 for j in range(w):
@@ -126,12 +140,14 @@ def scan_fwd(u, dt, AT, B, C, h0, slot, y, states, hck, K, DB):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def scan_bwd(u, dt, AT, B, C, hck, slot, gy, gstates, K, DB, du, ddt, dAT, dB, dC, dh0):
-    """Backward scan: gradients of (y, states) -> inputs.
+def scan_bwd(u, dt, AT, B, C, D, z, has_z, softplus, hck, slot, gout, gstates, K, DB,
+             du, ddt, dAT, dB, dC, dD, dz, dh0):
+    """Backward of scan_fwd: gradients of (out, states) -> inputs.
 
-    Args (beyond scan_fwd's): gy (b, l, d), gstates (b, S, d, n) upstream gradients.
-    Outputs: du, ddt (b, l, d); dAT (b, n, d) per batch row; dB, dC (b, nblk, l, n) per channel
-    block (sum over dim 1 afterwards); dh0 (b, n, d).
+    Args (beyond scan_fwd's): gout (b, l, d), gstates (b, S, d, n) upstream gradients; softplus: Δ was
+    softplus(x), return dL/dx in ddt (dsoftplus/dx = 1 - exp(-Δ)).
+    Outputs: du, ddt, dz (b, l, d); dAT (b, n, d) and dD (b, d) per batch row; dB, dC (b, nblk, l, n)
+    per channel block (sum over dim 1 afterwards); dh0 (b, n, d).
     """
     nb, nl, nd = u.shape
     nn = AT.shape[0]
@@ -142,10 +158,16 @@ def scan_bwd(u, dt, AT, B, C, hck, slot, gy, gstates, K, DB, du, ddt, dAT, dB, d
         d0 = blk * DB
         w = min(DB, nd - d0)
         hbuf = np.empty((K + 1, nn, DB), u.dtype)  # hbuf[s + 1] = h at step c*K + s
+        ebuf = np.empty((K, nn, DB), u.dtype)  # ebuf[s] = exp(Δ A) at step c*K + s
         g = np.zeros((nn, DB), u.dtype)  # adjoint carried from the future: exp(Δ_{t+1}A) g_{t+1}
         dacc = np.zeros((nn, DB), u.dtype)
-        duacc = np.empty(DB, u.dtype)
+        dDacc = np.zeros(DB, u.dtype)
+        x = np.empty(DB, u.dtype)
+        gy = np.empty(DB, u.dtype)  # dL/dy_t, y = C h + D u before the gate
+        y = np.empty(DB, u.dtype)
+        gb = np.empty(DB, u.dtype)
         ddtacc = np.empty(DB, u.dtype)
+        Dd = D[d0:d0 + w]
         nck = (nl + K - 1) // K
         for c in range(nck - 1, -1, -1):
             t0 = c * K
@@ -153,26 +175,43 @@ def scan_bwd(u, dt, AT, B, C, hck, slot, gy, gstates, K, DB, du, ddt, dAT, dB, d
             for n in range(nn):
                 for j in range(w):
                     hbuf[0, n, j] = hck[b, c, n, d0 + j]
-            for s in range(tl):  # recompute the chunk's states
+            for s in range(tl):  # recompute the chunk's states and decays
                 t = t0 + s
+                dtt = dt[b, t, d0:d0 + w]
+                ut = u[b, t, d0:d0 + w]
+                for j in range(w):
+                    x[j] = dtt[j] * ut[j]
                 for n in range(nn):
                     a = AT[n, d0:d0 + w]
                     bn = B[b, t, n]
+                    hp = hbuf[s, n]
+                    hn = hbuf[s + 1, n]
+                    en = ebuf[s, n]
                     for j in range(w):
-                        hbuf[s + 1, n, j] = (fexp(dt[b, t, d0 + j] * a[j]) * hbuf[s, n, j]
-                                             + dt[b, t, d0 + j] * u[b, t, d0 + j] * bn)
+                        e = fexp(dtt[j] * a[j])
+                        en[j] = e
+                        hn[j] = e * hp[j] + x[j] * bn
             for s in range(tl - 1, -1, -1):
                 t = t0 + s
                 dtt = dt[b, t, d0:d0 + w]
                 ut = u[b, t, d0:d0 + w]
-                gyt = gy[b, t, d0:d0 + w]
+                got = gout[b, t, d0:d0 + w]
                 k = slot[t]
                 if k >= 0:
                     for j in range(w):
                         for n in range(nn):
                             g[n, j] += gstates[b, k, d0 + j, n]
+                if has_z:
+                    zt = z[b, t, d0:d0 + w]
+                    for j in range(w):
+                        gy[j] = got[j] * zt[j] * _sigmoid(zt[j])
+                else:
+                    for j in range(w):
+                        gy[j] = got[j]
                 for j in range(w):
-                    duacc[j] = 0.0
+                    x[j] = dtt[j] * ut[j]
+                    y[j] = Dd[j] * ut[j]
+                    gb[j] = 0.0
                     ddtacc[j] = 0.0
                 for n in range(nn):
                     a = AT[n, d0:d0 + w]
@@ -180,30 +219,41 @@ def scan_bwd(u, dt, AT, B, C, hck, slot, gy, gstates, K, DB, du, ddt, dAT, dB, d
                     cn = C[b, t, n]
                     hn = hbuf[s + 1, n]
                     hp = hbuf[s, n]
+                    en = ebuf[s, n]
                     gn = g[n]
                     da = dacc[n]
                     sc = u.dtype.type(0.0)
                     sb = u.dtype.type(0.0)
                     for j in range(w):
-                        gv = gn[j] + gyt[j] * cn  # dL/dh_t
-                        sc += gyt[j] * hn[j]
-                        e = fexp(dtt[j] * a[j])
-                        q = gv * hp[j] * e  # dL/d(Δ_t A) through exp
+                        gv = gn[j] + gy[j] * cn  # dL/dh_t
+                        sc += gy[j] * hn[j]
+                        y[j] += hn[j] * cn
+                        q = gv * hp[j] * en[j]  # dL/d(Δ_t A) through exp
                         da[j] += q * dtt[j]
-                        xb = gv * bn
-                        ddtacc[j] += q * a[j] + xb * ut[j]
-                        duacc[j] += xb * dtt[j]
-                        sb += gv * dtt[j] * ut[j]
-                        gn[j] = gv * e
+                        ddtacc[j] += q * a[j]
+                        gb[j] += gv * bn
+                        sb += gv * x[j]
+                        gn[j] = gv * en[j]
                     dC[b, blk, t, n] = sc
                     dB[b, blk, t, n] = sb
+                if has_z:
+                    zt = z[b, t, d0:d0 + w]
+                    for j in range(w):
+                        sg = _sigmoid(zt[j])
+                        dz[b, t, d0 + j] = got[j] * y[j] * sg * (1 + zt[j] * (1 - sg))
                 for j in range(w):
-                    du[b, t, d0 + j] = duacc[j]
-                    ddt[b, t, d0 + j] = ddtacc[j]
+                    dDacc[j] += gy[j] * ut[j]
+                    du[b, t, d0 + j] = gb[j] * dtt[j] + gy[j] * Dd[j]
+                    gd = ddtacc[j] + gb[j] * ut[j]
+                    if softplus:
+                        gd *= 1 - fexp(-dtt[j])
+                    ddt[b, t, d0 + j] = gd
         for n in range(nn):
             for j in range(w):
                 dAT[b, n, d0 + j] = dacc[n, j]
                 dh0[b, n, d0 + j] = g[n, j]
+        for j in range(w):
+            dD[b, d0 + j] = dDacc[j]
 
 
 @contextlib.contextmanager
@@ -220,33 +270,49 @@ def _threads_for(work: int):
         numba.set_num_threads(before)
 
 
-def scan_forward(u, dt, AT, B, C, h0, slot, S):
-    """Engine entry (torch in, torch out): y (b, l, d), states (b, S, d, n), saved checkpoints."""
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def scan_forward(u, dt, AT, B, C, D, z, h0, slot, S):
+    """Engine entry (torch in, torch out): out (b, l, d), states (b, S, d, n), saved checkpoints.
+
+    u, dt, z: (b, l, d) contiguous (z may be None); D: (d,) or None; dt is the final Δ.
+    """
     bsz, length, dim = u.shape
     n = AT.shape[0]
-    y = u.new_empty(bsz, length, dim)
+    out = u.new_empty(bsz, length, dim)
     states = u.new_empty(bsz, S, dim, n)
     hck = u.new_empty(bsz, (length + CHUNK - 1) // CHUNK, n, dim)
+    D = u.new_zeros(dim) if D is None else D
+    zz = u.new_empty(1, 1, 1) if z is None else z
     with _threads_for(u.numel() * n):
-        scan_fwd(u.detach().numpy(), dt.detach().numpy(), AT.detach().numpy(), B.detach().numpy(),
-                 C.detach().numpy(), h0.detach().numpy(), slot.numpy(), y.numpy(), states.numpy(), hck.numpy(),
-                 CHUNK, DB)
-    return y, states, (hck,)
+        scan_fwd(_np(u), _np(dt), _np(AT), _np(B), _np(C), _np(D), _np(zz), z is not None,
+                 _np(h0), _np(slot), _np(out), _np(states), _np(hck), CHUNK, DB)
+    return out, states, (hck,)
 
 
-def scan_backward(u, dt, AT, B, C, h0, saved, slot, gy, gstates):
-    """Engine entry: (du, ddt, dAT (n, d), dB, dC (b, l, n), dh0 (b, n, d))."""
+def scan_backward(u, dt, AT, B, C, D, z, h0, saved, slot, gout, gstates, softplus):
+    """Engine entry: (du, ddt, dAT (n, d), dB, dC (b, l, n), dD (d,) or None, dz or None, dh0 (b, n, d)).
+
+    ddt is dL/dx when softplus (Δ = softplus(x)), else dL/dΔ.
+    """
     (hck,) = saved
     bsz, length, dim = u.shape
     n = AT.shape[0]
     nblk = (dim + DB - 1) // DB
     du, ddt = torch.empty_like(u), torch.empty_like(u)
+    dz = torch.empty_like(u) if z is not None else u.new_empty(1, 1, 1)
     dAT = u.new_empty(bsz, n, dim)
+    dD = u.new_empty(bsz, dim)
     dB = u.new_empty(bsz, nblk, length, n)
     dC = u.new_empty(bsz, nblk, length, n)
     dh0 = u.new_empty(bsz, n, dim)
+    Dv = u.new_zeros(dim) if D is None else D
+    zz = u.new_empty(1, 1, 1) if z is None else z
     with _threads_for(u.numel() * n):
-        scan_bwd(u.numpy(), dt.numpy(), AT.numpy(), B.numpy(), C.numpy(), hck.numpy(), slot.numpy(),
-                 gy.numpy(), gstates.numpy(), CHUNK, DB, du.numpy(), ddt.numpy(), dAT.numpy(), dB.numpy(),
-                 dC.numpy(), dh0.numpy())
-    return du, ddt, dAT.sum(0), dB.sum(1), dC.sum(1), dh0
+        scan_bwd(_np(u), _np(dt), _np(AT), _np(B), _np(C), _np(Dv), _np(zz), z is not None,
+                 softplus, _np(hck), _np(slot), _np(gout), _np(gstates), CHUNK, DB, _np(du),
+                 _np(ddt), _np(dAT), _np(dB), _np(dC), _np(dD), _np(dz), _np(dh0))
+    return (du, ddt, dAT.sum(0), dB.sum(1), dC.sum(1), None if D is None else dD.sum(0),
+            None if z is None else dz, dh0)

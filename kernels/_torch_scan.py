@@ -12,6 +12,7 @@ wrapped by scan.py's autograd Function, so no per-step graph is kept: memory is 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 Q = 64  # chunk length of the inner doubling scan
 
@@ -66,17 +67,35 @@ def _all_states(u, dt, AT, B, h0):
     return linear_scan(decay, inp, h0.transpose(1, 2)), decay
 
 
-def scan_forward(u, dt, AT, B, C, h0, slot, S):
-    """Same contract as the numba engine: returns y (b, l, d), states (b, S, d, n), saved tensors."""
+def _gate(y, D, u, z):
+    """(C h + D u) * silu(z), the output epilogue."""
+    if D is not None:
+        y = y + D * u
+    return y * F.silu(z) if z is not None else y
+
+
+def scan_forward(u, dt, AT, B, C, D, z, h0, slot, S):
+    """Same contract as the numba engine: returns out (b, l, d), states (b, S, d, n), saved tensors."""
     h, _ = _all_states(u, dt, AT, B, h0)
-    y = torch.einsum("bldn,bln->bld", h, C)
+    out = _gate(torch.einsum("bldn,bln->bld", h, C), D, u, z)
     states = h[:, _states_index(slot)] if S else h.new_empty(h.shape[0], 0, *h.shape[2:])
-    return y, states, ()
+    return out, states, ()
 
 
-def scan_backward(u, dt, AT, B, C, h0, saved, slot, gy, gstates):
-    """Gradients (du, ddt, dAT, dB, dC, dh0) in kernel layouts; dAT (n, d), dh0 (b, n, d)."""
+def scan_backward(u, dt, AT, B, C, D, z, h0, saved, slot, gout, gstates, softplus):
+    """Gradients (du, ddt, dAT, dB, dC, dD, dz, dh0) in kernel layouts; dAT (n, d), dh0 (b, n, d).
+
+    ddt is dL/dx when softplus (dt = softplus(x)), else dL/d(dt).
+    """
     h, decay = _all_states(u, dt, AT, B, h0)
+    y = torch.einsum("bldn,bln->bld", h, C)
+    dz = dD = None
+    if z is not None:
+        sig = torch.sigmoid(z)
+        gy = gout * z * sig
+        dz = gout * (y if D is None else y + D * u) * sig * (1 + z * (1 - sig))
+    else:
+        gy = gout
     direct = gy[..., None] * C[:, :, None, :]  # dL/dh_t through y_t, (b, l, d, n)
     if gstates.shape[1]:
         direct = direct.index_add(1, _states_index(slot), gstates)
@@ -88,9 +107,13 @@ def scan_backward(u, dt, AT, B, C, h0, saved, slot, gy, gstates):
     gB = torch.einsum("bldn,bln->bld", g, B)
     du = gB * dt
     ddt = torch.einsum("bldn,nd->bld", q, AT) + gB * u
+    if softplus:
+        ddt = ddt * -torch.expm1(-dt)
+    if D is not None:
+        du = du + gy * D
+        dD = (gy * u).sum((0, 1))
     dAT = torch.einsum("bldn,bld->nd", q, dt)
     dB = torch.einsum("bldn,bld->bln", g, dt * u)
     dC = torch.einsum("bld,bldn->bln", gy, h)
     dh0 = (g[:, 0] * decay[:, 0]).transpose(1, 2)
-    return du, ddt, dAT, dB, dC, dh0
-
+    return du, ddt, dAT, dB, dC, dD, dz, dh0

@@ -250,17 +250,21 @@ def _mamba1_dispatcher(original):
             return original(hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
                             delta_softplus=delta_softplus, return_last_state=return_last_state, **kwargs)
         rec = getattr(mixer, "_ssmdiag_recorder", None)
-        delta = dt.float() if delta_bias is None else dt.float() + delta_bias.float()[:, None]
-        delta = F.softplus(delta) if delta_softplus else delta  # (b, d, l)
-        want = rec.states if rec is not None else None
-        request, how = _states_request(want, return_last_state)
+        request, how = _states_request(rec.states if rec is not None else None, return_last_state)
         backend = resolve_backend(mixer._ssmdiag_backend, hidden_states.device, request)
-        out = selective_scan(hidden_states, delta, A, B, C, D=D, z=z, return_states=request, backend=backend)
+        if rec is not None and (rec.params or rec.abar_stats):  # the recorded Δ is the one the scan uses
+            delta = dt.float() if delta_bias is None else dt.float() + delta_bias.float()[:, None]
+            delta = F.softplus(delta) if delta_softplus else delta  # (b, d, l)
+            out = selective_scan(hidden_states, delta, A, B, C, D=D, z=z, return_states=request, backend=backend)
+        else:  # bias and softplus fused into the scan
+            out = selective_scan(hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                 delta_softplus=delta_softplus, return_states=request, backend=backend)
         y, states = (out, None) if request is None else out
         recorded, last = _split_states(states, how)
         if rec is not None:
-            _store(mixer, "mamba", backend, hidden_states.transpose(1, 2), delta.transpose(1, 2), A,
-                   B.transpose(1, 2), C.transpose(1, 2), recorded,
+            delta_bld = delta.transpose(1, 2) if rec.params or rec.abar_stats else None
+            _store(mixer, "mamba", backend, hidden_states.transpose(1, 2), delta_bld, A, B.transpose(1, 2),
+                   C.transpose(1, 2), recorded,
                    lambda: _abar_range(delta.amin(dim=(0, 2))[:, None], delta.amax(dim=(0, 2))[:, None], A.float()))
         return (y, last) if return_last_state else y
 

@@ -52,22 +52,25 @@ def _engine_module(name: str):
 
 
 class _SelectiveScanFn(torch.autograd.Function):
-    """The scan proper in kernel layouts: u, dt (b, l, d); AT (n, d); B, C (b, l, n); h0 (b, n, d)."""
+    """The scan with its D skip and z gate, in kernel layouts: u, x, z (b, l, d); AT (n, d);
+    B, C (b, l, n); D (d,); h0 (b, n, d).  Δ = softplus(x) when `softplus`, else Δ = x."""
 
     @staticmethod
-    def forward(ctx, u, dt, AT, B, C, h0, slot, n_states, engine):
+    def forward(ctx, u, x, AT, B, C, D, z, h0, slot, n_states, softplus, engine):
         eng = _engine_module(engine)
-        y, states, saved = eng.scan_forward(u, dt, AT, B, C, h0, slot, n_states)
-        ctx.engine = engine
-        ctx.save_for_backward(u, dt, AT, B, C, h0, slot, *saved)
-        return y, states
+        dt = F.softplus(x) if softplus else x
+        out, states, saved = eng.scan_forward(u, dt, AT, B, C, D, z, h0, slot, n_states)
+        ctx.engine, ctx.softplus = engine, softplus
+        ctx.save_for_backward(u, dt, AT, B, C, D, z, h0, slot, *saved)
+        return out, states
 
     @staticmethod
-    def backward(ctx, gy, gstates):
-        u, dt, AT, B, C, h0, slot, *saved = ctx.saved_tensors
+    def backward(ctx, gout, gstates):
+        u, dt, AT, B, C, D, z, h0, slot, *saved = ctx.saved_tensors
         eng = _engine_module(ctx.engine)
-        grads = eng.scan_backward(u, dt, AT, B, C, h0, saved, slot, gy.contiguous(), gstates.contiguous())
-        return (*grads, None, None, None)
+        grads = eng.scan_backward(u, dt, AT, B, C, D, z, h0, saved, slot, gout.contiguous(), gstates.contiguous(),
+                                  ctx.softplus)
+        return (*grads, None, None, None, None)
 
 
 def _check_selective(u, delta, A, B, C, D, z, delta_bias, initial_state):
@@ -103,25 +106,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_states)
     ct = compute_dtype(u)
     bsz, dim, length = u.shape
-    dt = delta.to(ct)
+    x = delta.to(ct)
     if delta_bias is not None:
-        dt = dt + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    uf = u.to(ct)
+        x = x + delta_bias.to(ct)[:, None]
     h0 = (initial_state.to(ct).transpose(1, 2) if initial_state is not None
-          else uf.new_zeros(bsz, A.shape[1], dim))
+          else u.new_zeros(bsz, A.shape[1], dim, dtype=ct))
     slot, n_states, gather = state_slots(return_states, length, u.device)
+    bld = lambda t: None if t is None else t.to(ct).transpose(1, 2).contiguous()  # noqa: E731
     y, states = _SelectiveScanFn.apply(
-        uf.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(),
-        A.to(ct).clamp(min=_A_FLOOR).t().contiguous(), B.to(ct).transpose(1, 2).contiguous(),
-        C.to(ct).transpose(1, 2).contiguous(), h0.contiguous(), slot, n_states, torch_engine(u.device))
-    y = y.transpose(1, 2)  # (b, d, l)
-    if D is not None:
-        y = y + D.to(ct)[:, None] * uf
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    y = y.to(u.dtype)
+        bld(u), bld(x), A.to(ct).clamp(min=_A_FLOOR).t().contiguous(), bld(B), bld(C),
+        None if D is None else D.to(ct).contiguous(), bld(z), h0.contiguous(), slot, n_states, bool(delta_softplus),
+        torch_engine(u.device))
+    y = y.transpose(1, 2).to(u.dtype)  # (b, d, l)
     if return_states is None:
         return y
     if isinstance(return_states, str):
