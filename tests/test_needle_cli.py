@@ -113,11 +113,13 @@ def test_errors_are_one_line(tiny_mamba_dir, tiny_gpt_neox_dir, tiny_original_ma
 def test_resume_after_kill_computes_each_cell_once(tiny_mamba_dir, tmp_path, monkeypatch):
     reference = run_ok(tiny_mamba_dir, *GRID, "--out", tmp_path / "ref")["metrics"]["cells"]
     real_append, real_score = needle_grid.append_cell, needle_grid.score_prompt
-    computed: list[str] = []
+    computed: list[str] = []  # prompts scored (identical prompts of two depths are scored once)
+    written: list[str] = []
 
     def append_then_die(run_dir, cell):
         real_append(run_dir, cell)
-        if len(computed) == 2:
+        written.append(cell["key"])
+        if len(written) == 2:
             raise KeyboardInterrupt  # a kill right after the 2nd cell was written
 
     def counting_score(runner, cache, prompt, needle, depth, *args, **kwargs):
@@ -127,7 +129,8 @@ def test_resume_after_kill_computes_each_cell_once(tiny_mamba_dir, tmp_path, mon
     monkeypatch.setattr(needle_grid, "append_cell", append_then_die)
     monkeypatch.setattr(needle_grid, "score_prompt", counting_score)
     killed = invoke(tiny_mamba_dir, *GRID, "--out", tmp_path / "run")
-    assert killed.exit_code == 130 and len(computed) == 2
+    assert killed.exit_code == 130 and len(written) == 2
+    before_kill = list(computed)
     run_dir = next((tmp_path / "run" / "needle").iterdir())
     assert not (run_dir / "result.json").exists()
     with open(run_dir / "cells.jsonl", "a") as f:
@@ -137,9 +140,11 @@ def test_resume_after_kill_computes_each_cell_once(tiny_mamba_dir, tmp_path, mon
     mismatch = invoke(tiny_mamba_dir, "--lengths", "200,400", *GRID[2:], "--resume", run_dir, "--out", tmp_path)
     assert_clean_error(mismatch, "different lengths")
     resumed = run_ok(tiny_mamba_dir, *GRID, "--resume", run_dir, "--out", tmp_path)
-    assert len(computed) == 6 and len(set(computed)) == 6  # 2 before the kill + 4 after; none twice
+    after_kill = computed[len(before_kill):]
+    assert after_kill and not set(after_kill) & set(written) and len(set(computed)) == len(computed)  # none twice
     assert resumed["metrics"]["resumed_cells"] == 2 and Path(resumed["run_dir"]) == run_dir
-    assert len((run_dir / "cells.jsonl").read_text().splitlines()) == 6
+    keys = [json.loads(line)["key"] for line in (run_dir / "cells.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 6
     assert_same_cells(resumed["metrics"]["cells"], reference)
 
 

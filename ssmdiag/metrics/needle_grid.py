@@ -14,7 +14,7 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -22,7 +22,7 @@ from ..data.haystack import Haystack, build_haystack
 from ..data.needles import Needle, PromptTemplate
 from ..errors import SsmdiagError
 from ..results import start_run, write_json_atomic
-from .needle import cell_key, score_prompt, summarize_cell
+from .needle import SampleScore, cell_key, score_prompt, summarize_cell
 from .prefill import ModelRunner, PrefixStates
 
 GRID_FILE, CELLS_FILE = "grid.json", "cells.jsonl"
@@ -194,16 +194,23 @@ def run_cells(runner: ModelRunner, grid: GridRun, cells: Iterable[tuple[int, flo
               on_cell: Callable[[dict[str, Any]], None]) -> PrefixStates:
     """Score every sample of every cell, calling on_cell(record) as each cell finishes; returns reuse stats."""
     prefix = PrefixStates(runner, grid.template.stream(grid.hay), reuse=reuse)
+    seen: dict[tuple[str, Needle], SampleScore] = {}  # depths that round to the same boundary give one prompt
     for length, depth in cells:
         t0 = time.perf_counter()
         prompts = [grid.template.build(grid.hay, nd, length, depth) for nd in grid.needles]
         scores: list[Any] = [None] * len(prompts)
         for i in sorted(range(len(prompts)), key=lambda j: prompts[j].prefix_len):  # reuse-friendly order
+            key = (hashlib.sha256(json.dumps(prompts[i].ids).encode()).hexdigest(), grid.needles[i])
+            if reuse and key in seen:  # an identical prompt was scored already: copy it, all tokens reused
+                scores[i] = replace(seen[key], depth_target=depth, prefill_tokens=0,
+                                    reused_tokens=len(prompts[i].ids), prefill_s=0.0, score_s=0.0)
+                continue
             before, t1 = prefix.stats.computed, time.perf_counter()
             cache = prefix.at(prompts[i].prefix_len)
             reused = prompts[i].prefix_len - (prefix.stats.computed - before)
             scores[i] = score_prompt(runner, cache, prompts[i], grid.needles[i], depth, grid.max_new_tokens,
                                      grid.decode, grid.eos, reused=reused, prefill_s=time.perf_counter() - t1)
+            seen[key] = scores[i]
         on_cell(summarize_cell(length, depth, scores, time.perf_counter() - t0))
     return prefix
 
