@@ -61,7 +61,8 @@ def main(
                   reuse=reuse and ok, allow_repeat=allow_repeat, seed=seed, processes=dist.world)
     identity = ng.grid_identity(loaded, tok, grid, samples, seed, chat)
     run_dir = dist.share(ng.open_run_dir(out, resume, loaded, identity, config, seed) if dist.is_main else None)
-    todo = [c for c in grid.cells() if ng.cell_key(*c) not in ng.read_cells(run_dir)]
+    done = ng.read_cells(run_dir)
+    todo = [c for c in grid.cells() if ng.cell_key(*c) not in done]
     mine = ng.shard(todo, dist.rank, dist.world)
     t_cells = time.perf_counter()
     runner = ModelRunner(loaded.model, loaded.family, prefill_chunk if ok else None)
