@@ -194,11 +194,23 @@ def run_cell(preset: GridPreset, variant: str, layers: int, cell_dir: Path, seed
         dists.append(d), hits.append(h)
     by_dist = binned_accuracy(torch.cat(dists), torch.cat(hits), distance_edges(preset.test_len))
     ckpt = cell_dir / "model"
+    if not _is_main_process():
+        return cell_result(variant, layers, acc, by_dist, res, t0, ckpt)
     model.save_pretrained(ckpt)
-    cell = CellResult(variant=variant, layers=layers, acc=acc, average=sum(acc.values()) / len(acc),
+    cell = cell_result(variant, layers, acc, by_dist, res, t0, ckpt)
+    write_json_atomic(done, asdict(cell))
+    return cell
+
+
+def cell_result(variant, layers, acc, by_dist, res, t0: float, ckpt: Path) -> CellResult:
+    return CellResult(variant=variant, layers=layers, acc=acc, average=sum(acc.values()) / len(acc),
                       by_distance=by_dist, steps=res.steps_done, stopped=res.stopped,
                       train_seconds=res.seconds + (time.perf_counter() - t0), seconds_per_step=res.seconds_per_step,
                       best_val=res.best_val, frozen_intact=res.frozen_intact, checkpoint=str(ckpt),
                       history=res.history)
-    write_json_atomic(done, asdict(cell))
-    return cell
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

@@ -13,7 +13,7 @@ import torch
 
 from . import console
 from .errors import SsmdiagError
-from .loading import load_model, quiet_transformers, resolve_device
+from .loading import load_model, quiet_transformers, require_tokenizer, resolve_device
 from .options import DEFAULT_OUT
 from .polarize import abar_check, check_polarizable, is_polarized, parse_layers, polarization_record
 from .polarize_surgery import logit_change, polarize_model
@@ -83,6 +83,21 @@ def prepare_out(out: Path | None, name: str, force: bool = False, resume: bool =
     return out
 
 
+def set_threads(threads: int | None) -> None:
+    """Set torch's and numba's CPU thread counts (None: leave them)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise SsmdiagError(f"--threads {threads} must be at least 1")
+    torch.set_num_threads(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover - numba is a dependency
+        pass
+
+
 def _diag_ids(vocab: int, seed: int) -> torch.Tensor:
     from .data.inputs import random_token_batch
 
@@ -100,6 +115,12 @@ def run_patch(args: PatchArgs, path: Path) -> tuple[dict, list]:
                             seed=args.seed, trust_remote_code=args.trust_remote_code, backend=args.backend)
     check_polarizable(loaded.model, args.channels, args.mode)
     chosen = parse_layers(args.layers, loaded.adapter.num_layers)
+    if args.train is not None:  # refuse impossible training settings before any heavy work
+        from .finetune import check_task
+
+        check_task(_task_spec(args.train), int(loaded.config.vocab_size))
+        if args.train.task == "text":
+            require_tokenizer(loaded)
     run = start_run(path.parent, "polarize", [loaded], config={k: v for k, v in asdict(args).items()}, seed=args.seed,
                     path=path)
     ids = _diag_ids(int(loaded.config.vocab_size), args.seed)
@@ -137,17 +158,17 @@ def run_patch(args: PatchArgs, path: Path) -> tuple[dict, list]:
 
 
 def _train(model, loaded, args: PatchArgs, path: Path, run) -> tuple[dict, object]:
-    from .finetune import TaskSpec, finetune
+    from .finetune import finetune
     from .metrics.polarize import diagnose
     from .train import TrainConfig
 
     t = args.train
+    tokenizer = require_tokenizer(loaded) if t.task == "text" else loaded.tokenizer
     if next(model.parameters()).dtype != torch.float32:
         model.float()
         msg = "training runs in float32: the model was upcast and the saved checkpoint is float32"
         console.warn(msg), run.note(msg)
-    spec = TaskSpec(task=t.task, seq_len=t.seq_len, pairs=t.pairs, test_pairs=tuple(t.test_pairs or [t.pairs]),
-                    text=t.text)
+    spec = _task_spec(t)
     cfg = TrainConfig(steps=t.steps or 200, lr=t.lr or 1e-3, batch_size=t.batch_size or 16, trainable=t.trainable,
                       eval_every=max((t.steps or 200) // 5, 1), save_every=max((t.steps or 200) // 5, 1),
                       seed=args.seed, warmup=min(20, (t.steps or 200) // 10))
@@ -157,10 +178,17 @@ def _train(model, loaded, args: PatchArgs, path: Path, run) -> tuple[dict, objec
             losses.append((step, loss))
             advance()
 
-        res = finetune(model, spec, cfg, tokenizer=loaded.tokenizer, run_dir=path / "train-state", on_step=on_step)
+        res = finetune(model, spec, cfg, tokenizer=tokenizer, run_dir=path / "train-state", on_step=on_step)
     _drop_state(path / "train-state")
     after = diagnose(model, _diag_ids(int(model.config.vocab_size), args.seed), args.seed)
     return {"task": asdict(spec), "config": asdict(cfg), "result": res, "losses": losses}, after
+
+
+def _task_spec(t: TrainArgs):
+    from .finetune import TaskSpec
+
+    return TaskSpec(task=t.task, seq_len=t.seq_len, pairs=t.pairs, test_pairs=tuple(t.test_pairs or [t.pairs]),
+                    text=t.text)
 
 
 def _drop_state(state_dir: Path) -> None:

@@ -148,32 +148,14 @@ def _mamba1(model, roles, chosen, mode, gen, falcon):
         one = [n + roles.index("one")] if "one" in roles else []
         zero = [n + roles.index("zero")] if "zero" in roles else []
     for layer, pre in enumerate(_mixer_prefixes(model)):
-        a_log = sd[f"{pre}.A_log"].float()  # (d, n)
         polar = layer in chosen
         if mode == "replace":
             if polar:
+                a_log = sd[f"{pre}.A_log"]  # (d, n)
                 a_log[:, one] = A_LOG_ONE
                 a_log[:, zero] = A_LOG_ZERO
-            sd[f"{pre}.A_log"] = a_log.to(sd[f"{pre}.A_log"].dtype)
             continue
-        w = sd[f"{pre}.x_proj.weight"]  # (r + 2n, d)
-        d = w.shape[1]
-        b_new = torch.randn(k, d, generator=gen) * _std(w[r:r + n]) * B_NEW_SCALE
-        sd[f"{pre}.x_proj.weight"] = torch.cat(
-            [w[:r], torch.zeros(k_dt, d).to(w), w[r:r + n], b_new.to(w), w[r + n:], torch.zeros(k, d).to(w)], dim=0)
-        if k_dt:  # zero Δ rows rescale the Δ RMSNorm like B and C; dt_proj's old columns take the factor back
-            wdt = sd[f"{pre}.dt_proj.weight"]  # (d, r)
-            sd[f"{pre}.dt_proj.weight"] = torch.cat(
-                [(wdt.float() / math.sqrt((r + k_dt) / r)).to(wdt), torch.zeros(d, k_dt).to(wdt)], dim=1)
-        cols = []
-        for j, role in enumerate(roles):
-            value = {"one": A_LOG_ONE, "zero": A_LOG_ZERO}.get(role) if polar and role != "free" else math.log(n + 1 + j)
-            cols.append(torch.full((d, 1), value))
-        sd[f"{pre}.A_log"] = torch.cat([a_log, *cols], dim=1).to(sd[f"{pre}.A_log"].dtype)
-        if falcon:  # both normalised B and C grow by sqrt((n+k)/n); move that factor out of y
-            s = (n + k) / n
-            sd[f"{pre}.D"] = (sd[f"{pre}.D"].float() * s).to(sd[f"{pre}.D"].dtype)
-            sd[f"{pre}.out_proj.weight"] = (sd[f"{pre}.out_proj.weight"].float() / s).to(sd[f"{pre}.out_proj.weight"].dtype)
+        _grow_mamba1_layer(sd, pre, n, r, roles if polar else ("free",) * k, k_dt, falcon, gen)
     cfg.state_size = n + k
     polar_roles = [ro for ro in roles if ro != "free"]
     op = {"unit": "state_channel", "mode": mode, "channels": "both" if len(polar_roles) == 2 else polar_roles[0],
@@ -186,6 +168,28 @@ def _mamba1(model, roles, chosen, mode, gen, falcon):
     else:
         how = f"repurposed state channel(s) {one + zero} of d_state {n} (A only; B and C rows kept)"
     return cfg, sd, op, how
+
+
+def _grow_mamba1_layer(sd, pre, n, r, roles, k_dt, falcon, gen) -> None:
+    """Append len(roles) state channels (and k_dt zero Δ rows) to one Mamba-1 / FalconMamba layer's tensors."""
+    k = len(roles)
+    w = sd[f"{pre}.x_proj.weight"]  # (r + 2n, d): rows [Δ | B | C]
+    d = w.shape[1]
+    b_new = torch.randn(k, d, generator=gen) * _std(w[r:r + n]) * B_NEW_SCALE
+    sd[f"{pre}.x_proj.weight"] = torch.cat(
+        [w[:r], torch.zeros(k_dt, d).to(w), w[r:r + n], b_new.to(w), w[r + n:], torch.zeros(k, d).to(w)], dim=0)
+    if k_dt:  # zero Δ rows rescale the Δ RMSNorm like B and C; dt_proj's old columns take the factor back
+        wdt = sd[f"{pre}.dt_proj.weight"]  # (d, r)
+        sd[f"{pre}.dt_proj.weight"] = torch.cat(
+            [(wdt.float() / math.sqrt((r + k_dt) / r)).to(wdt), torch.zeros(d, k_dt).to(wdt)], dim=1)
+    a_log = sd[f"{pre}.A_log"]  # (d, n)
+    values = [{"one": A_LOG_ONE, "zero": A_LOG_ZERO}.get(role, math.log(n + 1 + j)) for j, role in enumerate(roles)]
+    sd[f"{pre}.A_log"] = torch.cat([a_log, torch.tensor(values).expand(d, k).to(a_log)], dim=1)
+    if falcon:  # both normalised B and C grow by sqrt((n+k)/n); move that factor out of y
+        s = (n + k) / n
+        for name, factor in (("D", s), ("out_proj.weight", 1 / s)):
+            t = sd[f"{pre}.{name}"]
+            sd[f"{pre}.{name}"] = (t.float() * factor).to(t.dtype)
 
 
 # --- Mamba-2 ----------------------------------------------------------------------------------------

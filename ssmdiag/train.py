@@ -175,7 +175,8 @@ def train_model(model: nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, 
         stopped = "resumed_finished"
     step = start
     while step < cfg.steps and stopped == "steps":
-        ids, labels = batch_fn(step)
+        # several processes (accelerate launch): each draws its own batch, so the effective batch grows with them
+        ids, labels = batch_fn(step * acc.num_processes + acc.process_index)
         loss_t = pmodel(ids.to(acc.device), labels.to(acc.device))
         acc.backward(loss_t)
         _mask_grads(params, frozen, keep)

@@ -11,7 +11,7 @@ from .. import console
 from ..errors import SsmdiagError
 from ..options import BackendOpt, DeviceOpt, DtypeOpt, InitOpt, JsonOpt, QuietOpt, SeedOpt, TokenizerOpt, \
     TrustRemoteCodeOpt
-from ..polarize_run import GridArgs, PatchArgs, TrainArgs, prepare_out, run_grid, run_patch
+from ..polarize_run import GridArgs, PatchArgs, TrainArgs, prepare_out, run_grid, run_patch, set_threads
 
 Opt = typer.Option
 
@@ -37,6 +37,8 @@ def main(
     variants: Annotated[Optional[str], Opt("--variants", help="Grid variants: default,one,zero,both.")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue the training run in --out from its last saved step.")] = False,
     force: Annotated[bool, Opt("--force", help="Write into a non-empty --out.")] = False,
+    threads: Annotated[Optional[int], Opt("--threads", help="CPU compute threads (1 is fastest on a shared, busy "
+                                          "machine).")] = None,
     out: Annotated[Optional[Path], Opt("--out", help="Output directory (the polarized checkpoint, or the grid).")] = None,
     init: InitOpt = "pretrained",
     seed: SeedOpt = 0,
@@ -50,6 +52,7 @@ def main(
 ) -> None:
     """Polarize state channels (Wang et al., ICLR 2025, §6): patch, fine-tune, or train the Table 2 grid."""
     console.set_quiet(quiet)
+    set_threads(threads)
     if model is None and not train:
         raise SsmdiagError("give a MODEL to polarize, or --train without a model to run the MQAR grid",
                            hint="e.g. ssmdiag polarize state-spaces/mamba-130m-hf --out mamba-130m-polar")
