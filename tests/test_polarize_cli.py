@@ -41,7 +41,8 @@ def test_patch_writes_a_checkpoint_vanilla_transformers_loads(tiny_mamba_dir, tm
     ok(invoke(tiny_mamba_dir, "--out", out, "--layers", "0-1", "--json"))
     doc = json.loads((out / "result.json").read_text())
     m = doc["metrics"]
-    assert m["patch"]["max_abs_dlogit"] <= 1e-5 and m["reload_max_abs_dlogit"] <= 1e-5
+    assert m["patch"]["max_abs_dlogit"] <= 1e-5 and m["reload_max_abs_dlogit"]["same_path"] <= 1e-5
+    assert m["reload_max_abs_dlogit"]["kernels_vs_transformers"] <= 1e-4
     assert m["abar_check"]["abar_one_min"] == 1.0 and m["abar_check"]["abar_zero_max"] == 0.0
     assert m["after_patch"]["exact_one"] > 0 and m["before"]["exact_one"] == 0
     assert (out / "polarize-before-after.png").is_file() and (out / "tokenizer.json").is_file()
@@ -93,6 +94,15 @@ def test_grid_micro_preset(tmp_path):
     assert json.loads(res.stdout)["metrics"]["cells"][0]["average"] == cells[0]["average"]
 
 
+@pytest.mark.slow
+def test_grid_cells_in_parallel_processes(tmp_path):
+    out = tmp_path / "grid"
+    res = ok(invoke("--train", "--preset", "micro", "--jobs", "2", "--out", out, "--json"))
+    cells = json.loads(res.stdout)["metrics"]["cells"]
+    assert [c["variant"] for c in cells] == ["default", "both"] and all(c["frozen_intact"] is not False for c in cells)
+    assert (out / "default-1L" / "model" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("args,message", [
     (["{gpt}"], "needs an SSM"),
     (["{mamba}", "--layers", "0-7"], "out of range"),
@@ -102,6 +112,7 @@ def test_grid_micro_preset(tmp_path):
     (["--train", "--preset", "huge"], "unknown --preset"),
     (["--train", "--preset", "micro", "--test-pairs", "20"], "cannot place 20"),
     ([], "give a MODEL"),
+    (["--train", "--preset", "micro", "--jobs", "0"], "--jobs 0"),
 ])
 def test_errors(args, message, tiny_mamba_dir, tiny_gpt_neox_dir, tmp_path):
     args = [a.format(gpt=tiny_gpt_neox_dir, mamba=tiny_mamba_dir) for a in args]

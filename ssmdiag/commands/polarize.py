@@ -39,6 +39,7 @@ def main(
     force: Annotated[bool, Opt("--force", help="Write into a non-empty --out.")] = False,
     threads: Annotated[Optional[int], Opt("--threads", help="CPU compute threads (1 is fastest on a shared, busy "
                                           "machine).")] = None,
+    jobs: Annotated[Optional[int], Opt("--jobs", help="Grid cells trained at once in CPU processes (cpu preset: 2).")] = None,
     out: Annotated[Optional[Path], Opt("--out", help="Output directory (the polarized checkpoint, or the grid).")] = None,
     init: InitOpt = "pretrained",
     seed: SeedOpt = 0,
@@ -59,7 +60,8 @@ def main(
     pairs_list = [int(x) for x in test_pairs.split(",")] if test_pairs else None
     if model is None:
         args = GridArgs(preset=preset, layers=layers, variants=variants, steps=steps, lr=lr, batch_size=batch_size,
-                        seed=seed, device=device, backend=backend, test_pairs=pairs_list)
+                        seed=seed, device=device, backend=backend, test_pairs=pairs_list,
+                        threads=threads, jobs=jobs)
         path = prepare_out(out, "mqar-grid", force=force, resume=resume)
         doc, tables = run_grid(args, path)
     else:
