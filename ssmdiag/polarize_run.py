@@ -126,6 +126,11 @@ def run_patch(args: PatchArgs, path: Path) -> tuple[dict, list]:
     run = start_run(path.parent, "polarize", [loaded], config={k: v for k, v in asdict(args).items()}, seed=args.seed,
                     path=path)
     ids = _diag_ids(int(loaded.config.vocab_size), args.seed)
+    if loaded.dtype != torch.float32:
+        msg = (f"the model is {str(loaded.dtype).replace('torch.', '')}: the before/after influence decay is skipped "
+               "(gradients need float32; load with --dtype float32 for it), and the logit check runs in that dtype")
+        console.warn(msg)
+        run.note(msg)
     skip_patch = args.train is not None and is_polarized(loaded.model.config)
     with run.phase("diagnose_before"):
         before = diagnose(loaded.model, ids, args.seed)

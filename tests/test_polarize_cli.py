@@ -130,3 +130,8 @@ def test_refuses_non_empty_out_and_already_polarized(tiny_mamba_dir, tmp_path):
     ok(invoke(tiny_mamba_dir, "--out", polar, "--quiet"))
     res = invoke(polar, "--out", tmp_path / "again")
     assert res.exit_code == 1 and "already polarized" in res.output
+    # --train on an already polarized checkpoint trains it as it is (no second patch)
+    out = tmp_path / "trained"
+    ok(invoke(polar, "--train", "--steps", 2, "--batch-size", 2, "--seq-len", 16, "--pairs", 2, "--out", out, "--quiet"))
+    m = json.loads((out / "result.json").read_text())["metrics"]
+    assert m["patch"] is None and len(m["polarized"]) == 1 and m["train"]["result"]["train"]["frozen_intact"] is True

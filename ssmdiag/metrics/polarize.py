@@ -57,7 +57,10 @@ def spectrum_extremes(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.T
 
 
 def diagnose(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> Diagnostics:
-    """Ā spectrum and last-token influence decay of `model` on `ids` (samples, l)."""
+    """Ā spectrum and last-token influence decay of `model` on `ids` (samples, l).
+
+    The influence (a backward pass) is measured only for a float32 model; otherwise its fields are None.
+    """
     from .influence import compute_influence, summarize_influence
     from .influence_fit import parse_fit_range
     from .spectrum import summarize_spectrum
@@ -69,16 +72,19 @@ def diagnose(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> Diagnostics:
     lo_all, hi_all = torch.cat([t.flatten() for t in lo]), torch.cat([t.flatten() for t in hi])
     length = int(ids.shape[1])
     targets = [length - 1]
-    adapter = get_adapter(model)
-    rows = compute_influence(adapter, ids, targets, estimator="grad", seed=seed)
-    summary, _ = summarize_influence(rows, targets, parse_fit_range("auto", length - 1), seed=seed)
+    summary = None
+    if next(model.parameters()).dtype == torch.float32:  # far gradients underflow in half precision
+        rows = compute_influence(get_adapter(model), ids, targets, estimator="grad", seed=seed)
+        summary, _ = summarize_influence(rows, targets, parse_fit_range("auto", length - 1), seed=seed)
     model.train(was)
     from .spectrum import memory_horizon
 
+    fit = summary.fit if summary else None
     return Diagnostics(
         channels=int(lo_all.numel()), near_one=spec.near_one, near_zero=spec.near_zero, both=spec.both,
         exact_one=float((lo_all == 1.0).double().mean()), exact_zero=float((hi_all == 0.0).double().mean()),
         median_max=float(hi_all.median()), median_horizon=float(memory_horizon(hi_all).median()),
-        decay_rate=summary.fit.decay_rate, half_life=summary.fit.half_life, r2=summary.fit.r2,
-        near10_share=summary.near10_share, thresholds=spec.thresholds, curve_max=spec.curve_max,
-        curve_min=spec.curve_min, influence_log10=summary.curve.mean_log10)
+        decay_rate=fit.decay_rate if fit else None, half_life=fit.half_life if fit else None,
+        r2=fit.r2 if fit else None, near10_share=summary.near10_share if summary else None,
+        thresholds=spec.thresholds, curve_max=spec.curve_max, curve_min=spec.curve_min,
+        influence_log10=summary.curve.mean_log10 if summary else [])
