@@ -19,7 +19,7 @@ import torch
 
 from .data.mqar import MQARSegment, check_segments, generate_mqar, mixture_batch
 from .errors import SsmdiagError
-from .polarize import A_LOG_ONE, A_LOG_ZERO, ROLES, _mixer_prefixes, record_operation
+from .polarize import A_LOG_ONE, A_LOG_ZERO, mixer_prefixes, record_operation
 from .results import write_json_atomic
 from .train import TrainConfig, binned_accuracy, mqar_accuracy, train_model
 
@@ -109,7 +109,7 @@ def build_variant(preset: GridPreset, variant: str, layers: int, seed: int = 0, 
     one = [n + roles.index("one")] if "one" in roles else []
     zero = [n + roles.index("zero")] if "zero" in roles else []
     with torch.no_grad():
-        for pre in _mixer_prefixes(model):
+        for pre in mixer_prefixes(model):
             a_log = model.get_parameter(f"{pre}.A_log")  # (d, n + k)
             a_log[:, one] = A_LOG_ONE
             a_log[:, zero] = A_LOG_ZERO

@@ -145,7 +145,7 @@ def record_operation(config, op: dict, remap: dict[int, int] | None = None) -> N
 
 
 # --- masks for training ------------------------------------------------------------------------
-def _mixer_prefixes(model: nn.Module) -> list[str]:
+def mixer_prefixes(model: nn.Module) -> list[str]:
     """The state-dict prefix of each layer's mixer, in layer order."""
     adapter = get_adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -156,7 +156,7 @@ def polarized_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """{parameter name: bool mask} of the A_log entries that must stay fixed (True = frozen)."""
     masks: dict[str, torch.Tensor] = {}
     params = dict(model.named_parameters())
-    prefixes = _mixer_prefixes(model)
+    prefixes = mixer_prefixes(model)
     for op in polarization_record(model.config):
         for layer in op["layers"]:
             name = f"{prefixes[layer]}.A_log"
@@ -180,7 +180,7 @@ def new_entry_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     masks: dict[str, torch.Tensor] = {}
     params = dict(model.named_parameters())
-    prefixes = _mixer_prefixes(model)
+    prefixes = mixer_prefixes(model)
     cfg = model.config
     for op in polarization_record(cfg):
         idx = sorted(set(op["one"] + op["zero"] + op["added"]))

@@ -33,7 +33,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .errors import SsmdiagError
-from .polarize import (A_LOG_ONE, A_LOG_ZERO, ROLES, PolarizeReport, _mixer_prefixes, check_not_polarized,
+from .polarize import (A_LOG_ONE, A_LOG_ZERO, ROLES, PolarizeReport, mixer_prefixes, check_not_polarized,
                        check_polarizable, parse_layers, record_operation)
 
 B_NEW_SCALE = 1e-3  # new B rows, relative to the existing rows' std (Adam's steps do not depend on it)
@@ -147,7 +147,7 @@ def _mamba1(model, roles, chosen, mode, gen, falcon):
     else:
         one = [n + roles.index("one")] if "one" in roles else []
         zero = [n + roles.index("zero")] if "zero" in roles else []
-    for layer, pre in enumerate(_mixer_prefixes(model)):
+    for layer, pre in enumerate(mixer_prefixes(model)):
         polar = layer in chosen
         if mode == "replace":
             if polar:
@@ -223,7 +223,7 @@ def _mamba2(model, roles, chosen, mode, gen):
                                hint="use --mode add or --channels one")
         one = [gi * hpg for gi in range(g)] if "one" in roles else []
         zero = [gi * hpg + hpg - 1 for gi in range(g)] if "zero" in roles else []
-        for layer, pre in enumerate(_mixer_prefixes(model)):
+        for layer, pre in enumerate(mixer_prefixes(model)):
             if layer in chosen:
                 a_log = sd[f"{pre}.A_log"]
                 a_log[one] = A_LOG_ONE
@@ -239,7 +239,7 @@ def _mamba2(model, roles, chosen, mode, gen):
     else:  # one head per group: alternate roles over the new groups
         slots = {role: [h + gi * hpg for gi in range(j, g_new, len(roles))] for j, role in enumerate(roles)}
     one, zero = slots.get("one", []), slots.get("zero", [])
-    for layer, pre in enumerate(_mixer_prefixes(model)):
+    for layer, pre in enumerate(mixer_prefixes(model)):
         polar = layer in chosen
         _grow_mamba2_layer(sd, pre, cfg, m, g_new, one if polar else [], zero if polar else [], gen)
     cfg.expand = int(cfg.expand) + e
