@@ -74,9 +74,9 @@ def numba_available() -> bool:
 
 def _needs_states(need_states) -> bool:
     """Whether a return_states request needs more than the last state (which cuda can give)."""
-    if need_states is None or need_states is False or need_states == "last":
+    if need_states is None or need_states is False:
         return False
-    return True
+    return not (isinstance(need_states, str) and need_states == "last")
 
 
 def resolve_backend(requested: str, device, need_states=None, *, need_initial_state: bool = False,

@@ -180,13 +180,16 @@ def record(model: torch.nn.Module, layers=None, states=None, params: bool = Fals
     if not mixers:
         raise ValueError("record() needs a Mamba, Mamba-2 or FalconMamba model")
     chosen = None if layers is None else {int(i) for i in layers}
+    unknown = sorted(chosen - {i for i, _, _, _ in mixers}) if chosen is not None else []
+    if unknown:
+        raise ValueError(f"record(): no SSM layer {unknown}; the model has layers 0..{len(mixers) - 1}")
+    picked = [m for i, m, _, _ in mixers if chosen is None or i in chosen]
+    if any(getattr(m, "_ssmdiag_recorder", None) is not None for m in picked):
+        raise RuntimeError("record() is already active on this model; nested recording is not supported")
     temporary = not hasattr(mixers[0][1], "_ssmdiag_hooks")
     if temporary:
         install(model, "auto")
     rec = Recorder(states=states, params=params, abar_stats=abar_stats, detach=detach)
-    picked = [m for i, m, _, _ in mixers if chosen is None or i in chosen]
-    if any(getattr(m, "_ssmdiag_recorder", None) is not None for m in picked):
-        raise RuntimeError("record() is already active on this model; nested recording is not supported")
     for m in picked:
         m._ssmdiag_recorder = rec
     try:

@@ -175,3 +175,18 @@ def test_loader_installs_the_patch(tiny_mamba_dir):
     loaded = load_model(str(tiny_mamba_dir))
     assert loaded.backend == "torch"
     assert all(hasattr(m, "_ssmdiag_hooks") for m in loaded.model.modules() if type(m).__name__ == "MambaMixer")
+
+
+def test_record_unknown_layer_raises(pair):
+    _, model, _ = pair
+    with pytest.raises(ValueError, match="no SSM layer"):
+        with patch.record(model, layers=[0, 7]):
+            pass
+
+
+def test_describe_names_the_engine():
+    from ssmdiag.kernels.backend import describe
+
+    assert describe("torch", "cpu") in ("torch (numba CPU kernel)", "torch (chunked scan)")
+    assert describe("torch", "cpu", op="ssd") == "torch (chunked SSD)"
+    assert describe("ref", "cpu") == "ref"
