@@ -27,6 +27,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def one_thread():
+    """One compute thread for torch and numba: tiny models on a shared 2-core machine run far faster that way
+    (OpenMP/numba spin-waits make 2 threads up to 10x slower under load)."""
+    import numba
+
+    saved = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(1)
+    numba.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved[0])
+    numba.set_num_threads(saved[1])
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny")

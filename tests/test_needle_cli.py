@@ -23,12 +23,7 @@ SAME_SAMPLE = ("needle_id", "prompt_sha256", "context_tokens", "needle_token", "
                "real_match", "rank_answer", "rank_real")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args):

@@ -12,14 +12,7 @@ FAMILIES = ["mamba", "mamba2", "gpt_neox", "falcon_mamba", "mamba-hf"]  # mamba-
 TOL = dict(atol=2e-5, rtol=1e-4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy shared machine's thread contention
-    (set per test: numba's first parallel call resets torch's OpenMP thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

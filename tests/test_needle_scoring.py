@@ -15,12 +15,7 @@ from ssmdiag.metrics.needle import (SampleScore, answer_matches, band_of, greedy
 from ssmdiag.metrics.prefill import ModelRunner, PrefixStates
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("generation, answer, expected", [

@@ -14,17 +14,7 @@ from ssmdiag.polarize_surgery import logit_change, polarize_model
 TOL = 1e-5  # fp32 max |Δ logit| for a function-preserving patch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One compute thread: on a shared, loaded 2-core machine OpenMP/numba spin-waits make 2 threads 10x slower."""
-    import numba
-
-    saved = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved[0])
-    numba.set_num_threads(saved[1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("family", ["mamba", "falcon_mamba", "mamba2"])

@@ -15,17 +15,7 @@ from ssmdiag.train import LMLoss, TrainConfig, train_model
 VOCAB = 384
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One compute thread: on a shared, loaded 2-core machine OpenMP/numba spin-waits make 2 threads 10x slower."""
-    import numba
-
-    saved = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(1)
-    numba.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved[0])
-    numba.set_num_threads(saved[1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mqar_batches(vocab: int, length: int = 32, pairs: int = 4, batch: int = 8, seed: int = 0):
