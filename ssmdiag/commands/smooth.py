@@ -75,6 +75,10 @@ def main(
                                     spectrum=spectrum is not False, advance=advance)
         if res.states_note:
             notes.append(f"{m.name}: {res.states_note}")
+        if m.adapter.is_ssm and m.backend == "hf" and res.states_note is None:
+            m.backend = "torch"  # recording states needs our scan: say so rather than report transformers' path
+            notes.append(f"{m.name}: --backend hf cannot return memory states; its SSM scans ran through "
+                         "ssmdiag.kernels (torch) for this run")
         if res.state_tokens is not None and res.state_tokens < seq_len:
             notes.append(f"{m.name}: memory states compared at {res.state_tokens} random positions per sequence "
                          "(every token's states would exceed the memory budget)")
