@@ -8,8 +8,8 @@ transformers 5.23 carries Mamba-2's SSM state into a multi-token segment (`initi
 Mamba-1 / FalconMamba mixers restart the selective scan from zero on every multi-token call and only use
 the cached SSM state for one-token decoding. `carry_ssm_state` therefore routes those continuation
 segments through `mamba1_continue`, an exact re-statement of the mixer (Gu & Dao 2023, Alg. 2) that
-starts its scan from the cached state (with ssmdiag.kernels' scan when the loader routed the model through
-them, else a plain sequential loop). `check_state_carry` verifies segmented == one-shot logits on the
+starts its scan from the cached state through ssmdiag.kernels' selective_scan (the mixer's routed backend,
+or `auto` for a model left on transformers' path). `check_state_carry` verifies segmented == one-shot logits on the
 loaded model before a run relies on it, whatever scan the mixers were routed through.
 """
 
@@ -27,41 +27,21 @@ import torch.nn.functional as F
 from torch import nn
 
 MAMBA1_FAMILIES = ("mamba", "falcon_mamba")
-_SCAN_BLOCK = 128  # tokens whose (b, T, d, n) transition terms are materialised at once: bounded memory
 
 
 # --- Mamba-1 continuation -------------------------------------------------------------------------------
-def _selective_scan_from(u, delta, A, B, C, h0):
-    """Sequential selective scan starting from state h0 (fp32).
+def _scan_from(mixer: nn.Module, u, delta, A, B, C, h0):
+    """The selective scan from state h0, through ssmdiag.kernels (which take an initial state).
 
+    Uses the backend the loader routed the mixer to; a mixer left on transformers' path (`--backend hf`) gets
+    the kernels' `auto` choice, since transformers' own scan cannot start from a state.
     Args:
         u, delta: (b, d, l); A: (d, n); B, C: (b, l, n); h0: (b, d, n).
     Returns (y (b, d, l), h_last (b, d, n)); y excludes the D skip and the gate.
     """
-    h, ys = h0, []
-    for s in range(0, u.shape[-1], _SCAN_BLOCK):
-        dt = delta[..., s:s + _SCAN_BLOCK].transpose(1, 2)                      # (b, T, d)
-        dA = torch.exp(dt[..., None] * A)                                       # (b, T, d, n)
-        dBu = dt[..., None] * B[:, s:s + _SCAN_BLOCK, None, :] * u[..., s:s + _SCAN_BLOCK].transpose(1, 2)[..., None]
-        states = []
-        for t in range(dA.shape[1]):
-            h = dA[:, t] * h + dBu[:, t]                                        # (b, d, n)
-            states.append(h)
-        ys.append(torch.einsum("btdn,btn->bdt", torch.stack(states, 1), C[:, s:s + _SCAN_BLOCK]))
-    return torch.cat(ys, -1), h
+    from ..kernels import selective_scan
 
-
-def _scan_from(mixer: nn.Module, u, delta, A, B, C, h0):
-    """The selective scan from h0 through the scan the model's mixers were routed to by the loader
-    (ssmdiag.kernels, which take an initial state), else the sequential loop above. Shapes as there."""
-    backend = getattr(mixer, "_ssmdiag_backend", None)
-    if backend is not None:
-        try:
-            from ..kernels import selective_scan
-        except ImportError:  # a checkout without the kernels: the loop is exact too
-            backend = None
-    if backend is None:
-        return _selective_scan_from(u, delta, A, B, C, h0)
+    backend = getattr(mixer, "_ssmdiag_backend", None) or "auto"
     return selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), initial_state=h0,
                           return_states="last", backend=backend)
 
