@@ -319,11 +319,11 @@ def load_model(
         device=next(model.parameters()).device, config=config,
     )
     if loaded.adapter.is_ssm and not meta:
-        loaded.backend = _install_kernels(model, backend)
+        loaded.backend = install_kernels(model, backend)
     return loaded
 
 
-def _install_kernels(model: nn.Module, backend: str) -> str:
+def install_kernels(model: nn.Module, backend: str) -> str:
     """Route SSM mixers through ssmdiag's scan kernels (unless backend == 'hf'); return the backend used."""
     if backend == "hf":
         return "hf"

@@ -19,6 +19,7 @@ import torch
 
 from .data.mqar import MQARSegment, check_segments, generate_mqar, mixture_batch
 from .errors import SsmdiagError
+from .loading import install_kernels
 from .polarize import A_LOG_ONE, A_LOG_ZERO, mixer_prefixes, record_operation
 from .results import write_json_atomic
 from .train import TrainConfig, binned_accuracy, mqar_accuracy, train_model
@@ -117,18 +118,10 @@ def build_variant(preset: GridPreset, variant: str, layers: int, seed: int = 0, 
         record_operation(model.config, {"unit": "state_channel", "mode": "scratch", "channels": variant,
                                         "layers": list(range(layers)), "one": one, "zero": zero,
                                         "added": one + zero, "source": f"mqar grid {preset.name}", "seed": seed})
-    _install(model, backend)
+    install_kernels(model, backend)
     return model
 
 
-def _install(model, backend: str) -> str:
-    if backend == "hf":
-        return "hf"
-    try:
-        from .kernels import patch
-    except ImportError:  # pragma: no cover - the kernels ship with ssmdiag
-        return "hf"
-    return patch.install(model, backend=backend) if hasattr(patch, "install") else "hf"
 
 
 def distance_edges(test_len: int) -> list[int]:

@@ -218,10 +218,8 @@ def _reload_check(model, path: Path, seed: int) -> dict[str, float]:
     vanilla = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
     vanilla.to(next(model.parameters()).device)
     with_kernels = logit_change(model, vanilla, 64, seed)[0]
-    try:
-        from .kernels import patch
-    except ImportError:  # pragma: no cover - the kernels ship with ssmdiag
-        return {"same_path": with_kernels, "kernels_vs_transformers": None}
+    from .kernels import patch
+
     backend = _installed_backend(model)
     if backend is None:
         return {"same_path": with_kernels, "kernels_vs_transformers": None}

@@ -33,6 +33,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .errors import SsmdiagError
+from .loading import install_kernels
 from .polarize import (A_LOG_ONE, A_LOG_ZERO, ROLES, PolarizeReport, mixer_prefixes, check_not_polarized,
                        check_polarizable, parse_layers, record_operation)
 
@@ -104,18 +105,8 @@ def _rebuild(model: nn.Module, new_cfg, new_sd: dict[str, torch.Tensor], backend
     for name, buf in new.named_buffers():  # weightless norms keep their constant dummy weights
         buf.fill_(1.0) if name.endswith("layernorm.weight") else None
     new.train(model.training)
-    patch = _kernels_patch()
-    if patch is not None and backend != "hf":
-        patch.install(new, backend=backend)
+    install_kernels(new, backend)
     return new
-
-
-def _kernels_patch():
-    try:
-        from .kernels import patch  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return patch if hasattr(patch, "install") else None
 
 
 def _std(t: torch.Tensor) -> float:

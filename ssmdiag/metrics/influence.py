@@ -257,9 +257,9 @@ def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: 
 
     Uses the recorded Δ, A, B, C of every layer (ssmdiag.kernels.patch.record); no autograd.
     """
+    from ..kernels.patch import record
     from .hidden_attention import hidden_attention_row
 
-    record = _record_api()
     adapter._require_ssm()
     length = ids.shape[1]
     out = np.zeros((adapter.num_layers, ids.shape[0], len(targets), length))
@@ -273,15 +273,6 @@ def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: 
                 alpha = hidden_attention_row(lr.delta.cpu(), lr.A.cpu(), lr.B.cpu(), lr.C.cpu(), t)  # (1, t+1, ch)
                 out[layer, i, j, : t + 1] = alpha[0].norm(dim=-1).numpy()
     return out
-
-
-def _record_api():
-    try:
-        from ..kernels.patch import record
-    except ImportError:
-        raise SsmdiagError("--per-layer needs ssmdiag.kernels.patch.record, which this install lacks",
-                           hint="drop --per-layer, or update ssmdiag") from None
-    return record
 
 
 def summarize_layers(layer_rows: np.ndarray, targets: list[int], fit_range: tuple[int, int],
