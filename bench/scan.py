@@ -7,8 +7,8 @@
 Implementations (rows):
     a  transformers' own torch path (sequential loop; use_mambapy=False)
     b  transformers with mambapy's parallel scan (use_mambapy=True)
-    c  ssmdiag: kernels.patch.install(model, "torch")
-    floor  the same model with the scan replaced by a pointwise stand-in: everything but the scan
+    c  ssmdiag: kernels.mixer.install(model, "torch") (ssmdiag's mixer path, numba scan)
+    floor  ssmdiag's mixer path with the scan replaced by a pointwise stand-in: everything but the scan
            (in/x/dt/out projections, conv, norms), i.e. what no scan implementation can go below.
 
 Cases (columns): fwd+bwd at T=512 on a random mamba-130m-shaped backbone (gradient of the last
@@ -57,20 +57,20 @@ def build_small_lm(batch_impl: str):
 
 def apply_impl(model, impl: str) -> None:
     """Route the model's scans to the implementation under test."""
-    if impl == "c":
-        from ssmdiag.kernels import patch
-        patch.install(model, "torch")
-    elif impl == "floor":
+    if impl in ("c", "floor"):
+        from ssmdiag.kernels import mixer
+        mixer.install(model, "torch")
+    if impl == "floor":
         import torch.nn.functional as F
-        from transformers.models.mamba import modeling_mamba
+        from ssmdiag.kernels import mixer
 
-        def stand_in(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                     return_last_state=False, **kwargs):
-            # pointwise, same shapes, keeps dt, B, C in the graph so their projections run backward too
-            y = (hidden_states + dt) * F.silu(z) + (B + C).sum(1, keepdim=True)
-            return (y, None) if return_last_state else y
+        def stand_in(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+                     return_states=None, backend="auto"):
+            # pointwise, same shapes, keeps Δ, B, C in the graph so their projections run backward too
+            y = (u + delta) * F.silu(z) + (B + C).sum(1, keepdim=True)
+            return y if return_states is None else (y, None)
 
-        modeling_mamba.mamba_selective_scan = stand_in
+        mixer.selective_scan = stand_in
 
 
 def time_best(fn, reps: int, warmup: bool = True) -> tuple[float, float]:

@@ -1,8 +1,8 @@
 """ssmdiag.kernels: differentiable selective scans (Mamba-1, Mamba-2) that can return memory states.
 
 selective_scan / ssd_scan run on the backend resolve_backend picks ("cuda": mamba-ssm, "torch": ours,
-"ref": the plain loop); patch.install routes transformers' SSM mixers through them and patch.record
-captures Δ, B, C, Ā statistics and states per layer.
+"ref": the plain loop); mixer.install computes transformers' SSM mixers with them, mixer.carry continues
+a forward from ssmdiag's own per-layer state, and mixer.record captures Δ, B, C, Ā statistics and states.
 """
 
 from .backend import BackendUnavailable, resolve_backend

@@ -327,9 +327,9 @@ def install_kernels(model: nn.Module, backend: str) -> str:
     """Route SSM mixers through ssmdiag's scan kernels (unless backend == 'hf'); return the backend used."""
     if backend == "hf":
         return "hf"
-    from .kernels import patch  # local import: numba is loaded only when a scan runs
+    from .kernels import mixer  # local import: numba is loaded only when a scan runs
 
-    return patch.install(model, backend=backend)
+    return mixer.install(model, backend=backend)
 
 
 def describe_backend(backend: str, device: torch.device) -> str:

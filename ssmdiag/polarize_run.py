@@ -218,16 +218,16 @@ def _reload_check(model, path: Path, seed: int) -> dict[str, float]:
     vanilla = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
     vanilla.to(next(model.parameters()).device)
     with_kernels = logit_change(model, vanilla, 64, seed)[0]
-    from .kernels import patch
+    from .kernels import mixer
 
     backend = _installed_backend(model)
     if backend is None:
         return {"same_path": with_kernels, "kernels_vs_transformers": None}
-    patch.uninstall(model)
+    mixer.uninstall(model)
     try:
         same = logit_change(model, vanilla, 64, seed)[0]
     finally:
-        patch.install(model, backend=backend)
+        mixer.install(model, backend=backend)
     return {"same_path": same, "kernels_vs_transformers": with_kernels}
 
 

@@ -67,7 +67,7 @@ def test_abar_is_exactly_one_and_zero(family):
 @pytest.mark.parametrize("family", ["mamba", "mamba2"])
 def test_abar_exact_through_the_scan(family):
     """Ā recorded by the kernels over real inputs: polarized entries are 1.0 / 0.0 at every token."""
-    from ssmdiag.kernels.patch import record
+    from ssmdiag.kernels.mixer import record
 
     new, rep = polarize_model(make_model(family), "both", "add")
     with torch.no_grad(), record(new, abar_stats=True) as rec:

@@ -80,22 +80,17 @@ def test_our_reference_scan_reproduces_the_mixer(family, scan):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-needs_record = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("ssmdiag.kernels.patch") is None, reason="kernels' record API not landed")
-
-
-@needs_record
 @pytest.mark.parametrize("family,scan", [("mamba", mamba1_scan), ("mamba2", mamba2_scan)])
 def test_recorded_states_equal_the_reference_scan(family, scan):
-    from ssmdiag.kernels import patch
+    from ssmdiag.kernels import mixer as mixer_path
 
     model = make_model(family, seed=6)
-    patch.install(model)
+    mixer_path.install(model)
     block = model.backbone.layers[1]
     seen = {}
     hook = block.norm.register_forward_hook(lambda m, a, out: seen.update(mixer_input=out))
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad(), patch.record(model, layers=[1], states="all") as rec:
+    with torch.no_grad(), mixer_path.record(model, layers=[1], states="all") as rec:
         model(ids)
     hook.remove()
     with torch.no_grad():
@@ -132,26 +127,24 @@ def ema_mamba2(gain: float = 1.0, abar: float = 0.5, scale: float = 0.5, c: floa
     return model
 
 
-@needs_record
 def test_theorem_4_2_hand_set_layer_ratio_at_most_one():
-    from ssmdiag.kernels import patch
+    from ssmdiag.kernels import mixer as mixer_path
 
     ids = torch.randint(1, 300, (3, 48), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = 0
     model = ema_mamba2()
-    patch.install(model)
+    mixer_path.install(model)
     res = measure_smoothing(model, get_adapter(model), ids, metric="max")
     ratio = res.layers[0].ratio
     assert ratio["max"] <= 1.0 and ratio["mean"] <= 1.0
     assert res.ratio_le1_layers == 1.0 and res.ratio_le1_samples == 1.0
     bad = ema_mamba2(gain=6.0)  # B̄ = 6 (1 − Ā): the assumption broken, the states sharper than the input
-    patch.install(bad)
+    mixer_path.install(bad)
     assert measure_smoothing(bad, get_adapter(bad), ids, metric="max").layers[0].ratio["max"] > 1.0
 
 
-@needs_record
 def test_abar_spectrum_of_hand_set_layer_matches_closed_form():
-    from ssmdiag.kernels import patch
+    from ssmdiag.kernels import mixer as mixer_path
 
     model = make_model("mamba", seed=8, num_hidden_layers=1)
     mixer = model.backbone.layers[0].mixer
@@ -162,7 +155,7 @@ def test_abar_spectrum_of_hand_set_layer_matches_closed_form():
         mixer.x_proj.weight[:r] = 0
         mixer.dt_proj.bias.copy_(torch.log(torch.expm1(delta)))
         mixer.A_log.copy_(torch.log(-A))
-    patch.install(model)
+    mixer_path.install(model)
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
     res = measure_smoothing(model, get_adapter(model), ids, states=False)
     abar = torch.exp(delta.unsqueeze(1) * A)  # closed form: min = max = exp(Δ·A)
@@ -177,9 +170,8 @@ def test_abar_spectrum_of_hand_set_layer_matches_closed_form():
 
 
 # --- the model-level measurement -----------------------------------------------------------------------
-@needs_record
 def test_states_over_a_position_subset_when_over_budget():
-    from ssmdiag.kernels import patch
+    from ssmdiag.kernels import mixer as mixer_path
     from ssmdiag.metrics.sharpness import compute_sharpness
     from ssmdiag.metrics.smoothing import state_positions
 
@@ -190,14 +182,13 @@ def test_states_over_a_position_subset_when_over_budget():
     res = measure_smoothing(model, adapter, ids, state_budget=4 * floats * 12, seed=5)
     assert res.state_tokens == 12
     pos = state_positions(40, floats, 4 * floats * 12, 5)
-    with torch.no_grad(), patch.record(model, states="all") as rec:
+    with torch.no_grad(), mixer_path.record(model, states="all") as rec:
         model(ids)
     want = compute_sharpness(rec.layers[0].states[0, pos].flatten(1), seed=5)
     assert res.layers[0].states.mean == pytest.approx(want.mean, rel=1e-5)
     assert measure_smoothing(model, adapter, ids).state_tokens == 40
 
 
-@needs_record
 @pytest.mark.parametrize("family,dtype", [("mamba", torch.float32), ("mamba2", torch.float32),
                                           ("falcon_mamba", torch.float32), ("mamba", torch.bfloat16)])
 def test_every_ssm_family_gets_states_and_spectrum(family, dtype):

@@ -255,9 +255,9 @@ def summarize_ratio(logvals_a: np.ndarray, logvals_b: np.ndarray, fit_range: tup
 def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: list[int]) -> np.ndarray:
     """Closed-form hidden-attention influence of each SSM layer: (layers, samples, T, l), norm over channels.
 
-    Uses the recorded Δ, A, B, C of every layer (ssmdiag.kernels.patch.record); no autograd.
+    Uses the recorded Δ, A, B, C of every layer (ssmdiag.kernels.mixer.record); no autograd.
     """
-    from ..kernels.patch import record
+    from ..kernels.mixer import record
     from .hidden_attention import hidden_attention_row
 
     adapter._require_ssm()

@@ -47,7 +47,7 @@ class Diagnostics:
 
 def spectrum_extremes(model: nn.Module, ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, min and max over batch and time of Ā = exp(Δ·A): lists of (d, n) or (h,) tensors."""
-    from ..kernels.patch import record
+    from ..kernels.mixer import record
 
     dev = next(model.parameters()).device
     with torch.no_grad(), record(model, abar_stats=True) as rec:

@@ -9,7 +9,7 @@ Per block, on the same token sequences, the sharpness (ssmdiag.metrics.sharpness
 Theorem 4.2 says an SSM layer's states are no sharper than its input under its assumptions; the state /
 mixer-input ratio per layer and the share of layers where it is ≤ 1 say how far a real checkpoint follows that.
 
-Memory: one forward per sample under ssmdiag.kernels.patch.record; hooks reduce every tensor to numbers as
+Memory: one forward per sample under ssmdiag.kernels.mixer.record; hooks reduce every tensor to numbers as
 soon as it exists, and take each SSM layer's recorded states right after its scan, so only one layer's
 states (l × d_inner × d_state floats) exist at a time.
 """
@@ -135,9 +135,9 @@ def _state_parts(states: torch.Tensor, family: str) -> torch.Tensor:
 def states_available() -> str | None:
     """None when the kernels' record API can be used, else why not."""
     try:
-        from ..kernels import patch  # noqa: F401
+        from ..kernels import mixer  # noqa: F401
     except ImportError:
-        return "ssmdiag.kernels.patch is not available: memory states and the Ā spectrum were not measured"
+        return "ssmdiag.kernels.mixer is not available: memory states and the Ā spectrum were not measured"
     return None
 
 
@@ -158,9 +158,9 @@ def _recording(model, states, spectrum: bool):
     """The kernels' recorder for every SSM layer (states: None | "all" | positions), or a no-op context."""
     if states is None and not spectrum:
         return contextlib.nullcontext(None)
-    from ..kernels import patch
+    from ..kernels import mixer
 
-    return patch.record(model, layers=None, states=states, abar_stats=spectrum)
+    return mixer.record(model, layers=None, states=states, abar_stats=spectrum)
 
 
 def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = "mean", pairs: int | None = None,
