@@ -6,18 +6,21 @@ preset name (`--init random`: the published architecture with fresh weights, no 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import original_format
+from . import hub, original_format
 from .adapters import SUPPORTED_FAMILIES, Adapter, family_of, get_adapter
 from .errors import SsmdiagError
 from .presets import Preset, all_presets, build_config, find_preset
@@ -30,10 +33,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 @dataclass
 class LoadedModel:
-    """A model ready for diagnosis, with where it came from."""
+    """A model ready for diagnosis, with where it came from; a hub tokenizer loads on first use of `tokenizer`."""
 
     model: nn.Module
-    tokenizer: Any | None
     adapter: Adapter
     spec: str
     name: str
@@ -46,6 +48,24 @@ class LoadedModel:
     config: Any
     backend: str = "hf"
     notes: list[str] = field(default_factory=list)
+    tokenizer_source: str | None = None  # a directory or hub id
+    tokenizer_explicit: bool = False  # given with --tokenizer: failing to load it is an error
+    load_s: float = 0.0  # wall seconds spent loading the model and its tokenizer
+
+    @cached_property
+    def tokenizer(self) -> Any | None:
+        """The tokenizer, loaded on first use (None when it cannot be had); its load time adds to `load_s`."""
+        t0 = time.perf_counter()
+        try:
+            return _load_tokenizer(self.tokenizer_source, quiet_missing=not self.tokenizer_explicit)
+        finally:
+            self.load_s += time.perf_counter() - t0
+
+    def describe_tokenizer(self) -> str | None:
+        """The tokenizer's class name, or the hub id it will load from when a command needs it; None if none."""
+        if "tokenizer" not in self.__dict__ and self.tokenizer_source is not None:
+            return f"{self.tokenizer_source} (hub, loaded on use)"
+        return type(self.tokenizer).__name__ if self.tokenizer is not None else None
 
 
 def quiet_transformers() -> None:
@@ -104,17 +124,21 @@ def _download(repo_id: str, preset: Preset | None) -> tuple[Path, str | None]:
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
         raise SsmdiagError("huggingface_hub is missing", hint="pip install huggingface_hub") from None
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
+    hub.prepare()
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        if not any(p.suffix == ".safetensors" for p in path.iterdir()):
-            path = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin"]))
+        with hub.waiting():
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+            if not any(p.suffix == ".safetensors" for p in path.iterdir()):
+                path = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin"]))
     except RepositoryNotFoundError:
         raise SsmdiagError(f"'{repo_id}' is not a local path and no hub repository of that name exists",
                            hint="check the spelling, or pass a local checkpoint directory") from None
     except (LocalEntryNotFoundError, EntryNotFoundError, OSError) as exc:
         hint = (f"the hub is offline or unreachable; `--init random` builds the {preset.name} architecture with "
                 "fresh weights offline" if preset else "pass a local checkpoint directory, or allow hub access")
-        raise SsmdiagError(f"cannot download '{repo_id}' ({type(exc).__name__})", hint=hint) from None
+        why = hub.why_offline()
+        reason = f"{why} and it is not in the local cache" if why else type(exc).__name__
+        raise SsmdiagError(f"cannot download '{repo_id}' ({reason})", hint=hint) from None
     commit = path.name if len(path.name) == 40 else None
     return path, commit
 
@@ -175,18 +199,35 @@ def _check_family(config: Any, spec: str) -> str:
     return family
 
 
+def _is_local(source: str | Path | None) -> bool:
+    """Whether a tokenizer source is absent or a local directory (loading it needs no network)."""
+    return source is None or Path(str(source)).expanduser().is_dir()
+
+
 def _load_tokenizer(source: str | Path | None, quiet_missing: bool = True):
-    """A tokenizer from a dir or hub id (cache only when offline); None if it cannot be had."""
+    """A tokenizer from a dir or hub id (cache only when the hub is offline); None if it cannot be had.
+
+    Args:
+        source: a tokenizer directory or hub id (None: no tokenizer).
+        quiet_missing: return None instead of raising when it cannot be loaded.
+    """
     if source is None:
         return None
     from transformers import AutoTokenizer
 
+    local = _is_local(source)
+    if not local:
+        hub.prepare()
+    timer = contextlib.nullcontext() if local else hub.waiting()
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        with timer:
+            return AutoTokenizer.from_pretrained(str(source))
     except Exception as exc:  # noqa: BLE001 - any failure means "no tokenizer here"
         if quiet_missing:
             return None
-        raise SsmdiagError(f"cannot load tokenizer '{source}' ({type(exc).__name__})",
+        why = None if local else hub.why_offline()
+        reason = f"{why} and it is not in the local cache" if why else type(exc).__name__
+        raise SsmdiagError(f"cannot load tokenizer '{source}' ({reason})",
                            hint="pass a local tokenizer directory, or allow hub access") from None
 
 
@@ -269,6 +310,7 @@ def load_model(
         meta: build on the meta device (shapes only, no memory) — for `info` on huge presets.
         backend: scan backend for SSM mixers ("auto" | "torch" | "cuda" | "ref" | "hf" = transformers' own).
     """
+    t0 = time.perf_counter()
     quiet_transformers()
     if init not in ("pretrained", "random"):
         raise SsmdiagError(f"unknown --init '{init}'", hint="use pretrained or random")
@@ -312,14 +354,17 @@ def load_model(
     if not meta and not device_map:
         model.to(dev)
     model.eval()
-    tok = _load_tokenizer(tok_source, quiet_missing=tokenizer is None)
     loaded = LoadedModel(
-        model=model, tokenizer=tok, adapter=get_adapter(model), spec=spec, name=name, family=family, source=source,
+        model=model, adapter=get_adapter(model), spec=spec, name=name, family=family, source=source,
         revision=revision, weights_hash=weights_hash, dtype=next(model.parameters()).dtype,
         device=next(model.parameters()).device, config=config,
+        tokenizer_source=None if tok_source is None else str(tok_source), tokenizer_explicit=tokenizer is not None,
     )
+    if tokenizer is not None or _is_local(tok_source):
+        _ = loaded.tokenizer  # local or asked for: load now; a preset's hub tokenizer waits until a command needs it
     if loaded.adapter.is_ssm and not meta:
         loaded.backend = install_kernels(model, backend)
+    loaded.load_s = time.perf_counter() - t0
     return loaded
 
 
@@ -342,11 +387,20 @@ def describe_backend(backend: str, device: torch.device) -> str:
 
 
 def require_tokenizer(loaded: LoadedModel):
-    """The model's tokenizer, or a clear error saying how to supply one."""
-    if loaded.tokenizer is None:
-        hint = "pass --tokenizer ID_OR_DIR (the Mamba family uses the GPT-NeoX tokenizer, EleutherAI/gpt-neox-20b)"
-        raise SsmdiagError(f"{loaded.spec} has no tokenizer and this command needs one", hint=hint)
-    return loaded.tokenizer
+    """The model's tokenizer (loaded now if it comes from the hub), or a clear error saying how to supply one.
+
+    Args:
+        loaded: the model whose tokenizer the command needs.
+    """
+    if loaded.tokenizer is not None:
+        return loaded.tokenizer
+    why = None if _is_local(loaded.tokenizer_source) else hub.why_offline()
+    if why:
+        raise SsmdiagError(f"{loaded.spec} needs the tokenizer '{loaded.tokenizer_source}', but {why} and it is "
+                           "not in the local cache", hint="pass --tokenizer DIR (a local copy of the tokenizer), "
+                           "or run once with hub access to cache it")
+    hint = "pass --tokenizer ID_OR_DIR (the Mamba family uses the GPT-NeoX tokenizer, EleutherAI/gpt-neox-20b)"
+    raise SsmdiagError(f"{loaded.spec} has no tokenizer and this command needs one", hint=hint)
 
 
 @dataclass

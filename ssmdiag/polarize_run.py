@@ -170,7 +170,7 @@ def _train(model, loaded, args: PatchArgs, path: Path, run) -> tuple[dict, objec
     from .train import TrainConfig
 
     t = args.train
-    tokenizer = require_tokenizer(loaded) if t.task == "text" else loaded.tokenizer
+    tokenizer = require_tokenizer(loaded) if t.task == "text" else None  # only text training tokenizes
     if next(model.parameters()).dtype != torch.float32:
         model.float()
         msg = "training runs in float32: the model was upcast and the saved checkpoint is float32"

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from .hub import waited_s
+
 SCHEMA_VERSION = 1
 
 
@@ -142,6 +144,10 @@ class Run:
     def payload(self, metrics: Any, backend: str | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """The result.json document."""
         timings = dict(self.timings)
+        load_s = [m.load_s for m in self.models if hasattr(m, "load_s")]
+        if load_s and "load" not in timings:
+            timings["load"] = sum(load_s)  # models + tokenizers; outside `total` when loaded before start_run
+        timings["hub_wait"] = waited_s()
         timings["total"] = time.perf_counter() - self.started
         doc = {
             "schema_version": SCHEMA_VERSION,

@@ -42,7 +42,7 @@ def main(
         backend_used = describe_backend(backend, resolve_device(device))
     doc = {"spec": model, "name": loaded.name, "source": loaded.source, "dtype": str(loaded.dtype).split(".")[-1],
            "device": "meta (shapes only)" if init == "random" else str(loaded.device), "backend": backend_used,
-           "tokenizer": type(loaded.tokenizer).__name__ if loaded.tokenizer is not None else None, "summary": summary}
+           "tokenizer": loaded.describe_tokenizer(), "summary": summary}
     result = run.finish(doc, backend=backend_used)
     rows = [("family", summary.family), ("parameters", f"{summary.parameters:,}"), ("layers", summary.layers),
             ("hidden size", summary.hidden_size), ("d_inner", summary.d_inner), ("d_state", summary.d_state),
