@@ -224,17 +224,19 @@ def _mask_padding(x: torch.Tensor, mask) -> torch.Tensor:
     return (x * mask[:, :, None]).to(x.dtype)
 
 
-def _causal_conv(conv: torch.nn.Conv1d, x: torch.Tensor, prev: torch.Tensor | None):
+def _causal_conv(conv: torch.nn.Conv1d, x: torch.Tensor, prev: torch.Tensor | None, want_tail: bool):
     """Depthwise causal conv of x (b, c, l) continuing from the previous k - 1 inputs prev (b, c, k - 1).
 
-    Returns (conv output (b, c, l), the last k - 1 inputs for the next segment).
+    Returns (conv output (b, c, l), the last k - 1 inputs for the next segment, or None unless want_tail).
     """
-    k = conv.weight.shape[-1]
-    if prev is None:
-        prev = x.new_zeros(x.shape[0], x.shape[1], k - 1)
+    k, length = conv.weight.shape[-1], x.shape[-1]
+    if prev is None:  # zero history: padding in the conv itself (no copy of the strided x)
+        y = F.conv1d(x, conv.weight, conv.bias, padding=k - 1, groups=x.shape[1])[..., :length]
+        window = F.pad(x[..., max(0, length - (k - 1)):], (max(0, k - 1 - length), 0)) if want_tail else None
+        return y, window
     window = torch.cat([prev.to(x.dtype), x], dim=-1)  # (b, c, k - 1 + l)
     y = F.conv1d(window, conv.weight, conv.bias, groups=x.shape[1])
-    return y, window[..., window.shape[-1] - (k - 1):]
+    return y, (window[..., window.shape[-1] - (k - 1):] if want_tail else None)
 
 
 def _states_request(want, need_last: bool):
@@ -298,7 +300,7 @@ def mamba1_mixer(mixer, hidden_states, state: MixerState | None = None, attentio
     n, rank = mixer.A_log.shape[1], mixer.dt_proj.weight.shape[1]
     hidden_states = _mask_padding(hidden_states, attention_mask)
     x, z = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)         # (b, d, l) each
-    x, conv_tail = _causal_conv(mixer.conv1d, x, None if state is None else state.conv)
+    x, conv_tail = _causal_conv(mixer.conv1d, x, None if state is None else state.conv, want_state)
     x = _mask_padding(mixer.act(x).transpose(1, 2), attention_mask)             # (b, l, d)
     dt, B, C = torch.split(mixer.x_proj(x), [rank, n, n], dim=-1)              # (b, l, r), (b, l, n) x 2
     if type(mixer).__name__ == "FalconMambaMixer":  # FalconMamba normalises Δ, B and C (no weights)
@@ -348,7 +350,8 @@ def mamba2_mixer(mixer, hidden_states, state: MixerState | None = None, attentio
     proj = mixer.in_proj(hidden_states)                                          # (b, l, proj)
     d_mlp = (proj.shape[-1] - 2 * d_inner - 2 * groups * n - heads) // 2  # 0 in every released Mamba-2
     z0, x0, gate, xbc, dt = torch.split(proj, [d_mlp, d_mlp, d_inner, conv_dim, heads], dim=-1)
-    xbc, conv_tail = _causal_conv(mixer.conv1d, xbc.transpose(1, 2), None if state is None else state.conv)
+    xbc, conv_tail = _causal_conv(mixer.conv1d, xbc.transpose(1, 2), None if state is None else state.conv,
+                                   want_state)
     xbc = _mask_padding(mixer.act(xbc).transpose(1, 2), attention_mask)          # (b, l, c)
     x, B, C = torch.split(xbc, [d_inner, groups * n, groups * n], dim=-1)
     A = -torch.exp(mixer.A_log.float())                                          # (h,)
