@@ -8,10 +8,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test touches the network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from ssmdiag._syspath import drop_repo_root  # noqa: E402
-
-drop_repo_root()  # `python -m pytest` from the root would expose kernels/ as a top-level package
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
