@@ -176,16 +176,44 @@ class Run:
         return doc
 
 
+def fresh_run_path(out: Path, command: str, names: list[str]) -> Path:
+    """`<out>/<command>/<slug>-<UTC timestamp>`: the folder of a new run (not created here)."""
+    slug = "+".join(slugify(n) for n in names or ["run"])[:80]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return Path(out) / command / f"{slug}-{stamp}"
+
+
+def check_resume_dir(resume: Path, command: str, marker: str) -> Path:
+    """The folder of an earlier `command` run to continue, or an SsmdiagError naming what is wrong with it.
+
+    Args:
+        resume: the --resume RUN_DIR the user gave.
+        marker: a file every run of this command writes first (e.g. needle's grid.json).
+    """
+    from .errors import SsmdiagError
+
+    resume = Path(resume)
+    if not resume.exists():
+        raise SsmdiagError(f"--resume '{resume}' does not exist", hint=f"pass the folder of an earlier `{command}` run")
+    if not resume.is_dir() or not (resume / marker).is_file():
+        raise SsmdiagError(f"--resume '{resume}' is not a {command} run folder (no {marker})",
+                           hint=f"pass the folder of an earlier `{command}` run, e.g. runs/{command}/<name>-<stamp>")
+    return resume
+
+
 def start_run(
     out: Path, command: str, models: list[Any], argv: list[str] | None = None, config: dict[str, Any] | None = None,
-    seed: int | None = None, path: Path | None = None,
+    seed: int | None = None, resume: Path | None = None,
 ) -> Run:
-    """Create `<out>/<command>/<model-slug>-<UTC timestamp>/` (or use `path`, e.g. a resumed run)."""
-    if path is None:
-        names = [m if isinstance(m, str) else m.name for m in models] or ["run"]
-        slug = "+".join(slugify(n) for n in names)[:80]
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-        path = Path(out) / command / f"{slug}-{stamp}"
-    path.mkdir(parents=True, exist_ok=True)
+    """The one maker of run folders: `<out>/<command>/<model-slug>-<UTC timestamp>/`, or `resume` to continue one.
+
+    The folder is created here (callers validate their inputs first, so a failed command leaves nothing);
+    a resumed folder must already exist (see `check_resume_dir`).
+    """
+    if resume is None:
+        path = fresh_run_path(out, command, [m if isinstance(m, str) else m.name for m in models])
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        path = Path(resume)
     return Run(path=path, command=command, argv=list(argv if argv is not None else sys.argv), config=config or {},
                models=list(models), seed=seed)

@@ -72,7 +72,7 @@ def main(
     dist.wait()
     if not dist.is_main:
         return
-    run = start_run(out, "needle", [loaded], config=config, seed=seed, path=run_dir)
+    run = start_run(out, "needle", [loaded], config=config, seed=seed, resume=run_dir)
     run.started, run.timings = t_start, {"setup": t_cells - t_start, "cells": time.perf_counter() - t_cells}
     cells = ng.merge_cells(ng.read_cells(run_dir), grid_lengths, grid_depths)
     summary = summarize_grid(cells, grid_lengths, grid_depths)
