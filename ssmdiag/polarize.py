@@ -69,32 +69,6 @@ class PolarizeReport:
     notes: list[str] = field(default_factory=list)
 
 
-def parse_layers(text: str | None, num_layers: int) -> list[int]:
-    """'all' / None -> every layer; '0-3,7' -> [0, 1, 2, 3, 7]; refuses indices out of range."""
-    if text is None or str(text).strip().lower() in ("", "all"):
-        return list(range(num_layers))
-    out: set[int] = set()
-    for part in str(text).split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-                lo_i, hi_i = int(lo), int(hi)
-                if lo_i > hi_i:
-                    raise ValueError
-                idx = range(lo_i, hi_i + 1)
-            else:
-                idx = [int(part)]
-        except ValueError:
-            raise SsmdiagError(f"cannot read --layers '{text}'", hint="use e.g. all, 0-11 or 0,3,5") from None
-        for i in idx:
-            if not 0 <= i < num_layers:
-                raise SsmdiagError(f"layer {i} is out of range: the model has {num_layers} layers (0-{num_layers - 1})",
-                                   hint=f"use --layers within 0-{num_layers - 1}")
-            out.add(i)
-    return sorted(out)
-
-
 def check_polarizable(model: nn.Module, channels: str, mode: str) -> str:
     """Refuse non-SSM models and unknown options; return the family."""
     family = get_adapter(model).family

@@ -15,7 +15,8 @@ from . import console
 from .errors import SsmdiagError
 from .loading import load_model, quiet_transformers, require_tokenizer, resolve_device
 from .options import DEFAULT_OUT
-from .polarize import abar_check, check_polarizable, is_polarized, parse_layers, polarization_record
+from .parse import parse_layer_counts, parse_layers
+from .polarize import abar_check, check_polarizable, is_polarized, polarization_record
 from .polarize_surgery import logit_change, polarize_model
 from .results import slugify, start_run
 
@@ -292,7 +293,7 @@ def run_grid(args: GridArgs, path: Path) -> tuple[dict, list]:
     quiet_transformers()
     over = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size,
             "variants": tuple(v.strip() for v in args.variants.split(",")) if args.variants else None,
-            "layers": _layer_counts(args.layers), "test_pairs": tuple(args.test_pairs) if args.test_pairs else None}
+            "layers": parse_layer_counts(args.layers), "test_pairs": tuple(args.test_pairs) if args.test_pairs else None}
     preset = get_preset(args.preset, **over)
     device = resolve_device(args.device)
     if args.threads is None and device.type == "cpu":
@@ -332,15 +333,6 @@ def run_grid(args: GridArgs, path: Path) -> tuple[dict, list]:
     doc = run.finish({"preset": preset.name, "cells": cells, "table": table}, backend=args.backend)
     return doc, [console.table(f"MQAR accuracy at length {preset.test_len} ({preset.name} preset; Table 2 layout)",
                                table["columns"], table["rows"])]
-
-
-def _layer_counts(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise SsmdiagError(f"cannot read --layers '{text}' as layer counts", hint="the grid takes counts, e.g. 2,4") from None
 
 
 def grid_table(cells: list, preset) -> dict:

@@ -34,8 +34,9 @@ from torch import nn
 from .adapters import get_adapter
 from .errors import SsmdiagError
 from .loading import install_kernels
+from .parse import parse_layers
 from .polarize import (A_LOG_ONE, A_LOG_ZERO, ROLES, PolarizeReport, mixer_prefixes, check_not_polarized,
-                       check_polarizable, parse_layers, record_operation)
+                       check_polarizable, record_operation)
 
 B_NEW_SCALE = 1e-3  # new B rows, relative to the existing rows' std (Adam's steps do not depend on it)
 OUT_NEW_SCALE = 1e-2  # new Mamba-2 out_proj columns, relative

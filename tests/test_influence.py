@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from ssmdiag.adapters import get_adapter
 from ssmdiag.errors import SsmdiagError
 from ssmdiag.metrics.hidden_attention import hidden_attention_map, hidden_attention_ref, hidden_attention_row
-from ssmdiag.metrics.influence import (compute_influence, influence_rows, parse_targets, per_layer_rows,
+from ssmdiag.metrics.influence import (compute_influence, influence_rows, per_layer_rows,
                                        prepare_for_gradients, summarize_influence, summarize_layers)
-from ssmdiag.metrics.influence_fit import fit_decay, near_share, parse_fit_range
+from ssmdiag.metrics.influence_fit import fit_decay, near_share
+from ssmdiag.parse import parse_fit_range, parse_targets
 from tinymodels import make_model
 
 

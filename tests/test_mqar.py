@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssmdiag.data.mqar import (IGNORE, MQARSegment, check_mqar, generate_mqar, mixture_batch, parse_segments,
-                               power_law_logits)
+from ssmdiag.data.mqar import (IGNORE, MQARSegment, check_mqar, generate_mqar, mixture_batch, power_law_logits)
+from ssmdiag.parse import parse_segments
 from ssmdiag.errors import SsmdiagError
 
 V, L, K = 128, 64, 8

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from ssmdiag.data.haystack import build_haystack, generate_prose
 from ssmdiag.data.needles import PromptTemplate, builtin_needles, load_needles, magic_needle, resolve_needles
 from ssmdiag.errors import SsmdiagError
-from ssmdiag.metrics.needle_grid import parse_depths, parse_lengths
+from ssmdiag.parse import parse_depths, parse_lengths
 
 
 @pytest.fixture(scope="module")

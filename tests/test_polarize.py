@@ -7,8 +7,8 @@ import torch
 from tinymodels import make_model
 
 from ssmdiag.errors import SsmdiagError
-from ssmdiag.polarize import (A_LOG_ONE, A_LOG_ZERO, CONFIG_FIELD, abar_check, new_entry_masks, parse_layers,
-                              polarized_masks)
+from ssmdiag.polarize import (A_LOG_ONE, A_LOG_ZERO, CONFIG_FIELD, abar_check, new_entry_masks, polarized_masks)
+from ssmdiag.parse import parse_layers
 from ssmdiag.polarize_surgery import logit_change, polarize_model
 
 TOL = 1e-5  # fp32 max |Δ logit| for a function-preserving patch

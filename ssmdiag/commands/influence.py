@@ -10,9 +10,9 @@ import typer
 from .. import console
 from ..data.inputs import check_seq_len
 from ..loading import LoadOptions, load_models
-from ..metrics.influence import (InfluenceConfig, check_choices, influence_inputs, measure_influence, parse_targets,
+from ..metrics.influence import (InfluenceConfig, check_choices, influence_inputs, measure_influence,
                                  summarize_ratio)
-from ..metrics.influence_fit import parse_fit_range
+from ..parse import parse_fit_range, parse_targets
 from ..options import (DEFAULT_OUT, BackendOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, InitOpt, JsonOpt, ModelsArg,
                        OutOpt, QuietOpt, SeedOpt, TokenizerOpt, TrustRemoteCodeOpt)
 from ..plots.influence import plot_influence, plot_per_layer, plot_ratio

@@ -15,6 +15,7 @@ from ..loading import LoadOptions, load_models, require_tokenizer
 from ..metrics import needle_grid as ng
 from ..metrics.needle import DEPTH_BANDS, summarize_grid
 from ..metrics.prefill import ModelRunner, check_state_carry
+from ..parse import parse_depths, parse_lengths
 from ..options import (DEFAULT_OUT, BackendOpt, DeviceOpt, DtypeOpt, InitOpt, JsonOpt, ModelArg, OutOpt, QuietOpt,
                        SeedOpt, TokenizerOpt, TrustRemoteCodeOpt)
 from ..plots.needle import plot_by_depth, plot_heatmap
@@ -42,7 +43,7 @@ def main(
     t_start = time.perf_counter()
     dist = ng.distributed()
     console.set_quiet(quiet or not dist.is_main)
-    grid_lengths, grid_depths = ng.parse_lengths(lengths), ng.parse_depths(depths)
+    grid_lengths, grid_depths = parse_lengths(lengths), parse_depths(depths)
     if max_new_tokens < 1 or prefill_chunk < 1:
         raise SsmdiagError("--max-new-tokens and --prefill-chunk must be at least 1")
     if dist.world > 1 and device == "auto" and dist.state.device.type == "cuda":

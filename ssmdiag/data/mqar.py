@@ -122,14 +122,3 @@ def mixture_batch(vocab_size: int, segments: list[MQARSegment], batch_size: int,
     sub_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
     return generate_mqar(vocab_size, seg.seq_len, seg.num_kv_pairs, batch_size, sub_seed, power_a)
 
-
-def parse_segments(text: str) -> list[MQARSegment]:
-    """'64:4:1000,128:8:500' (length:pairs:examples, comma-separated) -> segments."""
-    out = []
-    for part in text.split(","):
-        try:
-            length, pairs, *rest = (int(x) for x in part.strip().split(":"))
-        except ValueError:
-            raise SsmdiagError(f"cannot read MQAR segment '{part}'", hint="use LENGTH:PAIRS[:EXAMPLES], e.g. 64:4:1000") from None
-        out.append(MQARSegment(length, pairs, rest[0] if rest else 1000))
-    return out

@@ -91,31 +91,6 @@ class ModelInfluence:
     per_layer_seconds: float | None = None
 
 
-def parse_targets(spec: str, seq_len: int) -> list[int]:
-    """'last' | 'middle' | comma list of positions (negative counts from the end), e.g. 'last,middle,100'."""
-    targets: list[int] = []
-    for item in str(spec).split(","):
-        item = item.strip().lower()
-        if item == "last":
-            pos = seq_len - 1
-        elif item == "middle":
-            pos = seq_len // 2
-        else:
-            try:
-                pos = int(item)
-            except ValueError:
-                raise SsmdiagError(f"--targets item '{item}' is not last, middle or an integer position",
-                                   hint="e.g. --targets last  or  --targets last,middle,100") from None
-            if pos < 0:
-                pos += seq_len
-        if not 0 <= pos < seq_len:
-            raise SsmdiagError(f"target position {item} is outside the sequence (0..{seq_len - 1})",
-                               hint=f"use positions below --seq-len {seq_len}, or last / middle")
-        if pos not in targets:
-            targets.append(pos)
-    return sorted(targets)
-
-
 def check_choices(estimator: str, output: str, probes: int, grad_dtype: str, statistic: str, samples: int = 1) -> None:
     """Validate the influence flags (one clear error per bad value)."""
     for flag, value, choices in (("--estimator", estimator, ESTIMATORS), ("--output", output, OUTPUTS),

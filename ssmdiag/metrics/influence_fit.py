@@ -120,33 +120,6 @@ def aggregate_curve(logvals: np.ndarray, statistic: str = "mean", seed: int = 0,
              f"({N_BOOT} resamples)" if boots is not None else "none (a single sample×target row)")
 
 
-def parse_fit_range(spec: str | None, max_distance: int) -> tuple[int, int]:
-    """'auto' / None -> skip the conv-local first few distances and the last ~5%; 'A:B' -> inclusive distances.
-
-    Raises SsmdiagError when the window is malformed or leaves fewer than 3 points.
-    """
-    if spec in (None, "", "auto"):
-        lo = min(4, max_distance // 4)
-        hi = max_distance - max(1, math.ceil(0.05 * max_distance))
-    else:
-        parts = str(spec).split(":")
-        try:
-            if len(parts) != 2:
-                raise ValueError
-            lo = int(parts[0]) if parts[0].strip() else 0
-            hi = int(parts[1]) if parts[1].strip() else max_distance
-        except ValueError:
-            raise SsmdiagError(f"--fit-range '{spec}' is not of the form LO:HI",
-                               hint="give distances in tokens, e.g. --fit-range 4:400 (or auto)") from None
-        if hi < 0:
-            hi = max_distance + hi
-        lo, hi = max(lo, 0), min(hi, max_distance)
-    if hi - lo + 1 < 3:
-        raise SsmdiagError(f"fit range {lo}:{hi} leaves {max(hi - lo + 1, 0)} point(s); the fit needs at least 3",
-                           hint=f"distances run from 0 to {max_distance}; widen --fit-range or raise --seq-len")
-    return lo, hi
-
-
 def _line_fits(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Least-squares lines through each row of ys (NaNs dropped per row): slopes, intercepts, R²."""
     slopes, inters, r2s = [], [], []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,47 +29,6 @@ PROMPT_FORMAT = 1  # bump when prompts change for the same options (resume then 
 
 
 # --- parsing -------------------------------------------------------------------------------------------
-def parse_lengths(text: str) -> list[int]:
-    """'1k,2k,4096' -> [1024, 2048, 4096] (k = 1024), sorted, unique."""
-    out = []
-    for item in (t.strip().lower() for t in text.split(",") if t.strip()):
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)(k?)", item)
-        if not m:
-            raise SsmdiagError(f"--lengths: '{item}' is not a token count", hint="e.g. --lengths 1k,2k,4096")
-        n = float(m.group(1)) * (1024 if m.group(2) else 1)
-        if n != int(n) or n < 1:
-            raise SsmdiagError(f"--lengths: '{item}' is not a whole positive number of tokens")
-        out.append(int(n))
-    if not out:
-        raise SsmdiagError("--lengths is empty", hint="e.g. --lengths 1k,2k,4k")
-    return sorted(set(out))
-
-
-def parse_depths(text: str) -> list[float]:
-    """'11' -> 11 depths evenly spaced over 0-100; '0,25,50' or '50%' -> those percents."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if len(items) == 1 and not items[0].endswith("%") and "," not in text:
-        try:
-            n = int(items[0])
-        except ValueError:
-            raise SsmdiagError(f"--depths: '{items[0]}' is neither a count nor a list of percents") from None
-        if n < 1:
-            raise SsmdiagError(f"--depths {n}: need at least 1 depth")
-        return [50.0] if n == 1 else [round(100.0 * i / (n - 1), 4) for i in range(n)]
-    out = []
-    for item in items:
-        try:
-            d = float(item.rstrip("%"))
-        except ValueError:
-            raise SsmdiagError(f"--depths: '{item}' is not a percent") from None
-        if not 0.0 <= d <= 100.0:
-            raise SsmdiagError(f"--depths: {item} is outside 0-100", hint="depths are percents of the haystack")
-        out.append(d)
-    if not out:
-        raise SsmdiagError("--depths is empty", hint="e.g. --depths 11 or --depths 0,50,100")
-    return sorted(set(out))
-
-
 # --- run directory: identity and cells ---------------------------------------------------------------
 def check_identity(run_dir: Path, identity: dict[str, Any]) -> None:
     """Refuse a --resume directory made for another model or grid, naming the first mismatch."""

@@ -62,7 +62,7 @@ def diagnose(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> Diagnostics:
     The influence (a backward pass) is measured only for a float32 model; otherwise its fields are None.
     """
     from .influence import compute_influence, summarize_influence
-    from .influence_fit import parse_fit_range
+    from ..parse import parse_fit_range
     from .spectrum import summarize_spectrum
 
     was = model.training

@@ -1,0 +1,153 @@
+"""Flag parsers: the text of one CLI flag -> values, or an SsmdiagError naming the flag and a valid example.
+
+Every command reads these flags through this module, so a flag is spelled and understood the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .data.mqar import MQARSegment
+from .errors import SsmdiagError
+
+
+def parse_layers(text: str | None, num_layers: int) -> list[int]:
+    """'all' / None -> every layer; '0-3,7' -> [0, 1, 2, 3, 7]; refuses indices out of range."""
+    if text is None or str(text).strip().lower() in ("", "all"):
+        return list(range(num_layers))
+    out: set[int] = set()
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
+                lo_i, hi_i = int(lo), int(hi)
+                if lo_i > hi_i:
+                    raise ValueError
+                idx = range(lo_i, hi_i + 1)
+            else:
+                idx = [int(part)]
+        except ValueError:
+            raise SsmdiagError(f"cannot read --layers '{text}'", hint="use e.g. all, 0-11 or 0,3,5") from None
+        for i in idx:
+            if not 0 <= i < num_layers:
+                raise SsmdiagError(f"layer {i} is out of range: the model has {num_layers} layers (0-{num_layers - 1})",
+                                   hint=f"use --layers within 0-{num_layers - 1}")
+            out.add(i)
+    return sorted(out)
+
+
+def parse_fit_range(spec: str | None, max_distance: int) -> tuple[int, int]:
+    """'auto' / None -> skip the conv-local first few distances and the last ~5%; 'A:B' -> inclusive distances.
+
+    Raises SsmdiagError when the window is malformed or leaves fewer than 3 points.
+    """
+    if spec in (None, "", "auto"):
+        lo = min(4, max_distance // 4)
+        hi = max_distance - max(1, math.ceil(0.05 * max_distance))
+    else:
+        parts = str(spec).split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            lo = int(parts[0]) if parts[0].strip() else 0
+            hi = int(parts[1]) if parts[1].strip() else max_distance
+        except ValueError:
+            raise SsmdiagError(f"--fit-range '{spec}' is not of the form LO:HI",
+                               hint="give distances in tokens, e.g. --fit-range 4:400 (or auto)") from None
+        if hi < 0:
+            hi = max_distance + hi
+        lo, hi = max(lo, 0), min(hi, max_distance)
+    if hi - lo + 1 < 3:
+        raise SsmdiagError(f"fit range {lo}:{hi} leaves {max(hi - lo + 1, 0)} point(s); the fit needs at least 3",
+                           hint=f"distances run from 0 to {max_distance}; widen --fit-range or raise --seq-len")
+    return lo, hi
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'1k,2k,4096' -> [1024, 2048, 4096] (k = 1024), sorted, unique."""
+    out = []
+    for item in (t.strip().lower() for t in text.split(",") if t.strip()):
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)(k?)", item)
+        if not m:
+            raise SsmdiagError(f"--lengths: '{item}' is not a token count", hint="e.g. --lengths 1k,2k,4096")
+        n = float(m.group(1)) * (1024 if m.group(2) else 1)
+        if n != int(n) or n < 1:
+            raise SsmdiagError(f"--lengths: '{item}' is not a whole positive number of tokens")
+        out.append(int(n))
+    if not out:
+        raise SsmdiagError("--lengths is empty", hint="e.g. --lengths 1k,2k,4k")
+    return sorted(set(out))
+
+
+def parse_depths(text: str) -> list[float]:
+    """'11' -> 11 depths evenly spaced over 0-100; '0,25,50' or '50%' -> those percents."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if len(items) == 1 and not items[0].endswith("%") and "," not in text:
+        try:
+            n = int(items[0])
+        except ValueError:
+            raise SsmdiagError(f"--depths: '{items[0]}' is neither a count nor a list of percents") from None
+        if n < 1:
+            raise SsmdiagError(f"--depths {n}: need at least 1 depth")
+        return [50.0] if n == 1 else [round(100.0 * i / (n - 1), 4) for i in range(n)]
+    out = []
+    for item in items:
+        try:
+            d = float(item.rstrip("%"))
+        except ValueError:
+            raise SsmdiagError(f"--depths: '{item}' is not a percent") from None
+        if not 0.0 <= d <= 100.0:
+            raise SsmdiagError(f"--depths: {item} is outside 0-100", hint="depths are percents of the haystack")
+        out.append(d)
+    if not out:
+        raise SsmdiagError("--depths is empty", hint="e.g. --depths 11 or --depths 0,50,100")
+    return sorted(set(out))
+
+
+def parse_targets(spec: str, seq_len: int) -> list[int]:
+    """'last' | 'middle' | comma list of positions (negative counts from the end), e.g. 'last,middle,100'."""
+    targets: list[int] = []
+    for item in str(spec).split(","):
+        item = item.strip().lower()
+        if item == "last":
+            pos = seq_len - 1
+        elif item == "middle":
+            pos = seq_len // 2
+        else:
+            try:
+                pos = int(item)
+            except ValueError:
+                raise SsmdiagError(f"--targets item '{item}' is not last, middle or an integer position",
+                                   hint="e.g. --targets last  or  --targets last,middle,100") from None
+            if pos < 0:
+                pos += seq_len
+        if not 0 <= pos < seq_len:
+            raise SsmdiagError(f"target position {item} is outside the sequence (0..{seq_len - 1})",
+                               hint=f"use positions below --seq-len {seq_len}, or last / middle")
+        if pos not in targets:
+            targets.append(pos)
+    return sorted(targets)
+
+
+def parse_segments(text: str) -> list[MQARSegment]:
+    """'64:4:1000,128:8:500' (length:pairs:examples, comma-separated) -> segments."""
+    out = []
+    for part in text.split(","):
+        try:
+            length, pairs, *rest = (int(x) for x in part.strip().split(":"))
+        except ValueError:
+            raise SsmdiagError(f"cannot read MQAR segment '{part}'", hint="use LENGTH:PAIRS[:EXAMPLES], e.g. 64:4:1000") from None
+        out.append(MQARSegment(length, pairs, rest[0] if rest else 1000))
+    return out
+
+
+def parse_layer_counts(text: str | None) -> tuple[int, ...] | None:
+    """'2,4' -> (2, 4): the grid's model depths (layer counts, not indices); None / '' -> the preset's."""
+    if not text:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise SsmdiagError(f"cannot read --layers '{text}' as layer counts", hint="the grid takes counts, e.g. 2,4") from None
