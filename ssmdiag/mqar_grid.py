@@ -22,6 +22,7 @@ from .errors import SsmdiagError
 from .loading import install_kernels
 from .polarize import A_LOG_ONE, A_LOG_ZERO, mixer_prefixes, record_operation
 from .results import write_json_atomic
+from .runtime import is_main_process, set_threads
 from .train import TrainConfig, binned_accuracy, mqar_accuracy, train_model
 
 VARIANTS = {"default": (), "one": ("one",), "zero": ("zero",), "both": ("one", "zero")}
@@ -188,7 +189,7 @@ def run_cell(preset: GridPreset, variant: str, layers: int, cell_dir: Path, seed
         dists.append(d), hits.append(h)
     by_dist = binned_accuracy(torch.cat(dists), torch.cat(hits), distance_edges(preset.test_len))
     ckpt = cell_dir / "model"
-    if not _is_main_process():
+    if not is_main_process():
         return cell_result(variant, layers, acc, by_dist, res, t0, ckpt)
     model.save_pretrained(ckpt)
     cell = cell_result(variant, layers, acc, by_dist, res, t0, ckpt)
@@ -204,22 +205,12 @@ def cell_result(variant, layers, acc, by_dist, res, t0: float, ckpt: Path) -> Ce
                       history=res.history)
 
 
-def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
 def _worker_init(threads: int | None) -> None:
     """A grid worker process: its own thread count, transformers quiet."""
     from .loading import quiet_transformers
 
     quiet_transformers()
-    if threads:
-        import numba
-
-        torch.set_num_threads(threads)
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    set_threads(threads)
 
 
 def run_cells_parallel(preset: GridPreset, cells: list[tuple[str, int]], path: Path, seed: int, backend: str,

@@ -19,6 +19,7 @@ from .parse import parse_layer_counts, parse_layers
 from .polarize import abar_check, check_polarizable, is_polarized, polarization_record
 from .polarize_surgery import logit_change, polarize_model
 from .results import slugify, start_run
+from .runtime import set_threads
 
 DIAG_LEN, DIAG_SAMPLES = 128, 2
 
@@ -86,21 +87,6 @@ def prepare_out(out: Path | None, name: str, force: bool = False, resume: bool =
     return out
 
 
-def set_threads(threads: int | None) -> None:
-    """Set torch's and numba's CPU thread counts (None: leave them)."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise SsmdiagError(f"--threads {threads} must be at least 1")
-    torch.set_num_threads(threads)
-    try:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:  # pragma: no cover - numba is a dependency
-        pass
-
-
 def _diag_ids(vocab: int, seed: int) -> torch.Tensor:
     from .data.inputs import random_token_batch
 
@@ -125,7 +111,7 @@ def run_patch(args: PatchArgs, path: Path) -> tuple[dict, list]:
         if args.train.task == "text":
             require_tokenizer(loaded)
     run = start_run(path.parent, "polarize", [loaded], config={k: v for k, v in asdict(args).items()}, seed=args.seed,
-                    path=path)
+                    resume=_made(path))
     ids = _diag_ids(int(loaded.config.vocab_size), args.seed)
     if loaded.dtype != torch.float32:
         msg = (f"the model is {str(loaded.dtype).replace('torch.', '')}: the before/after influence decay is skipped "
@@ -299,7 +285,7 @@ def run_grid(args: GridArgs, path: Path) -> tuple[dict, list]:
     if args.threads is None and device.type == "cpu":
         set_threads(preset.threads)
     run = start_run(path.parent, "polarize", ["mqar-grid"], config={"args": asdict(args), "preset": asdict(preset)},
-                    seed=args.seed, path=path)
+                    seed=args.seed, resume=_made(path))
     order = [(v, n) for n in preset.layers for v in preset.variants]
     jobs = args.jobs if args.jobs is not None else (preset.jobs if device.type == "cpu" else 1)
     if jobs < 1:
@@ -348,3 +334,9 @@ def grid_table(cells: list, preset) -> dict:
             row += [f"{100 * cell.acc[str(k)]:.2f}" for k in preset.test_pairs] + [f"{100 * cell.average:.2f}"]
         rows.append(row)
     return {"columns": columns, "rows": rows}
+
+
+def _made(path: Path) -> Path:
+    """`path`, created (polarize writes into the folder prepare_out chose)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -20,6 +20,7 @@ from ..options import (DEFAULT_OUT, BackendOpt, DeviceOpt, DtypeOpt, InitOpt, Js
                        SeedOpt, TokenizerOpt, TrustRemoteCodeOpt)
 from ..plots.needle import plot_by_depth, plot_heatmap
 from ..results import start_run
+from ..runtime import distributed
 
 
 def main(
@@ -41,7 +42,7 @@ def main(
 ) -> None:
     """Plant needles at depths × lengths; score greedy answers, log-prob preference and answer rank."""
     t_start = time.perf_counter()
-    dist = ng.distributed()
+    dist = distributed()
     console.set_quiet(quiet or not dist.is_main)
     grid_lengths, grid_depths = parse_lengths(lengths), parse_depths(depths)
     if max_new_tokens < 1 or prefill_chunk < 1:

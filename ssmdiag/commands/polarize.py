@@ -11,7 +11,8 @@ from .. import console
 from ..errors import SsmdiagError
 from ..options import BackendOpt, DeviceOpt, DtypeOpt, InitOpt, JsonOpt, QuietOpt, SeedOpt, TokenizerOpt, \
     TrustRemoteCodeOpt
-from ..polarize_run import GridArgs, PatchArgs, TrainArgs, prepare_out, run_grid, run_patch, set_threads
+from ..polarize_run import GridArgs, PatchArgs, TrainArgs, prepare_out, run_grid, run_patch
+from ..runtime import set_threads
 
 Opt = typer.Option
 

@@ -184,49 +184,6 @@ def merge_cells(found: dict[str, dict[str, Any]], lengths: list[int], depths: li
 
 
 # --- several processes (accelerate launch) ---------------------------------------------------------------
-@dataclass
-class Dist:
-    """This process's place among the processes `accelerate launch` started (rank 0 of 1 otherwise)."""
-
-    rank: int = 0
-    world: int = 1
-    state: Any = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def share(self, value: Any) -> Any:
-        """The main process's `value`, on every process."""
-        if self.world == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([value], from_process=0)[0]
-
-    def wait(self) -> None:
-        if self.world > 1:
-            self.state.wait_for_everyone()
-
-
-def distributed() -> Dist:
-    """Dist from accelerate's environment; a plain single process when not launched by several processes.
-
-    On a machine without GPUs, `accelerate launch --multi_gpu --num_processes N` starts N CPU processes
-    (torchrun); they talk over gloo.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    from datetime import timedelta
-
-    import torch
-    from accelerate import PartialState
-
-    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    state = PartialState(cpu=cpu, timeout=timedelta(hours=24))  # processes wait for the slowest at the end
-    return Dist(rank=state.process_index, world=state.num_processes, state=state)
-
-
 # --- reporting -----------------------------------------------------------------------------------------
 def reuse_report(cells: list[dict[str, Any]]) -> dict[str, Any]:
     """Prompt tokens computed vs taken from a shared prefix's state, and the prefill time they cost."""
