@@ -7,9 +7,10 @@ import torch
 from tinymodels import make_model
 
 from ssmdiag.errors import SsmdiagError
-from ssmdiag.polarize import (A_LOG_ONE, A_LOG_ZERO, CONFIG_FIELD, abar_check, new_entry_masks, polarized_masks)
 from ssmdiag.parse import parse_layers
-from ssmdiag.polarize_surgery import logit_change, polarize_model
+from ssmdiag.polarize.masks import new_entry_masks, polarized_masks
+from ssmdiag.polarize.record import A_LOG_ONE, A_LOG_ZERO, CONFIG_FIELD, abar_check
+from ssmdiag.polarize.surgery import logit_change, polarize_model
 
 TOL = 1e-5  # fp32 max |Δ logit| for a function-preserving patch
 
@@ -42,7 +43,7 @@ def test_mamba2_add_appends_whole_groups():
 
 def test_replace_mode_changes_the_function_and_says_so():
     for family in ("mamba", "mamba2"):
-        new, rep = polarize_model(make_model(family), "both", "replace", "0")
+        new, rep = polarize_model(make_model(family), "both", "replace", [0])
         assert not rep.function_preserving and rep.max_abs_dlogit > 1e-4
         assert rep.size_after == rep.size_before
     _, rep = polarize_model(make_model("mamba"), "both", "replace")
@@ -91,7 +92,7 @@ def test_bf16_values_are_exact():
 def test_saved_checkpoint_reloads_in_vanilla_transformers(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    new, rep = polarize_model(make_model(family), "both", "add", "1")
+    new, rep = polarize_model(make_model(family), "both", "add", [1])
     new.save_pretrained(tmp_path)
     vanilla = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert logit_change(new, vanilla, 40)[0] <= TOL
@@ -100,7 +101,7 @@ def test_saved_checkpoint_reloads_in_vanilla_transformers(family, tmp_path):
 
 
 def test_masks_follow_the_config_record():
-    new, rep = polarize_model(make_model("mamba"), "one", "add", "1")
+    new, rep = polarize_model(make_model("mamba"), "one", "add", [1])
     masks = polarized_masks(new)
     assert list(masks) == ["backbone.layers.1.mixer.A_log"]
     m = masks["backbone.layers.1.mixer.A_log"]
@@ -122,6 +123,6 @@ def test_errors():
         polarize_model(make_model("mamba"), "two", "add")
     new, _ = polarize_model(make_model("mamba"), "both", "add")
     with pytest.raises(SsmdiagError, match="already polarized"):
-        polarize_model(new, "zero", "replace", "0")
+        polarize_model(new, "zero", "replace", [0])
     again, _ = polarize_model(polarize_model(make_model("mamba"), "one", "add")[0], "zero", "add")  # other role: fine
     assert len(getattr(again.config, CONFIG_FIELD)["ops"]) == 2

@@ -7,10 +7,10 @@ import torch
 from tinymodels import make_model
 
 from ssmdiag.data.mqar import generate_mqar
-from ssmdiag.mqar_grid import build_variant, get_preset
-from ssmdiag.polarize import polarized_masks
-from ssmdiag.polarize_surgery import polarize_model
-from ssmdiag.train import LMLoss, TrainConfig, train_model
+from ssmdiag.polarize.masks import polarized_masks
+from ssmdiag.polarize.surgery import polarize_model
+from ssmdiag.training.loop import LMLoss, TrainConfig, train_model
+from ssmdiag.training.mqar_grid import build_variant, get_preset
 
 VOCAB = 384
 
@@ -31,7 +31,7 @@ def test_polarized_entries_stay_bit_identical(family):
     masks = polarized_masks(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = TrainConfig(steps=4, lr=1e-2, weight_decay=0.1, eval_every=100, early_stop=None)
-    res = train_model(model, mqar_batches(VOCAB), cfg)
+    res = train_model(model, mqar_batches(VOCAB), cfg, frozen=masks)
     params = dict(model.named_parameters())
     for name, m in masks.items():
         assert torch.equal(params[name].detach()[m], before[name][m])  # bit-identical
@@ -41,13 +41,14 @@ def test_polarized_entries_stay_bit_identical(family):
 
 
 def test_trainable_new_changes_only_the_new_entries():
-    from ssmdiag.polarize import new_entry_masks
+    from ssmdiag.polarize.masks import new_entry_masks
 
     model, _ = polarize_model(make_model("mamba"), "both", "add")
     keep = new_entry_masks(model)
     frozen = polarized_masks(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    res = train_model(model, mqar_batches(VOCAB), TrainConfig(steps=3, lr=1e-2, trainable="new", early_stop=None))
+    res = train_model(model, mqar_batches(VOCAB), TrainConfig(steps=3, lr=1e-2, early_stop=None), frozen=frozen,
+                      trainable=keep)
     for name, p in model.named_parameters():
         if name not in keep:
             assert torch.equal(p.detach(), before[name]), name
@@ -64,7 +65,7 @@ def test_loss_falls_on_a_tiny_mqar_task():
     model = build_variant(preset, "both", 2, seed=0)
     losses = []
     train_model(model, mqar_batches(64, 16, 2, 32), TrainConfig(steps=40, lr=1e-2, early_stop=None),
-                on_step=lambda s, v: losses.append(v))
+                on_step=lambda s, v: losses.append(v), frozen=polarized_masks(model))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, (first, last)
 
@@ -83,16 +84,17 @@ def test_resume_continues_exactly(tmp_path):
 
     cfg = TrainConfig(steps=6, lr=1e-2, save_every=2, eval_every=100, early_stop=None)
     straight = fresh()
-    train_model(straight, mqar_batches(VOCAB), cfg)
+    train_model(straight, mqar_batches(VOCAB), cfg, frozen=polarized_masks(straight))
 
     def crash(step: int, loss: float) -> None:
         if step == 3:
             raise KeyboardInterrupt
 
+    crashed = fresh()
     with pytest.raises(KeyboardInterrupt):
-        train_model(fresh(), mqar_batches(VOCAB), cfg, run_dir=tmp_path, on_step=crash)
+        train_model(crashed, mqar_batches(VOCAB), cfg, run_dir=tmp_path, on_step=crash, frozen=polarized_masks(crashed))
     resumed = fresh()
-    res = train_model(resumed, mqar_batches(VOCAB), cfg, run_dir=tmp_path)
+    res = train_model(resumed, mqar_batches(VOCAB), cfg, run_dir=tmp_path, frozen=polarized_masks(resumed))
     assert res.resumed_from == 2 and res.steps_done == 6 and res.frozen_intact
     for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)

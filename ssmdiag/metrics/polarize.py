@@ -62,7 +62,7 @@ def diagnose(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> Diagnostics:
     The influence (a backward pass) is measured only for a float32 model; otherwise its fields are None.
     """
     from .influence import compute_influence, summarize_influence
-    from ..parse import parse_fit_range
+    from .influence_fit import auto_fit_range
     from .spectrum import summarize_spectrum
 
     was = model.training
@@ -75,7 +75,7 @@ def diagnose(model: nn.Module, ids: torch.Tensor, seed: int = 0) -> Diagnostics:
     summary = None
     if next(model.parameters()).dtype == torch.float32:  # far gradients underflow in half precision
         rows = compute_influence(get_adapter(model), ids, targets, estimator="grad", seed=seed)
-        summary, _ = summarize_influence(rows, targets, parse_fit_range("auto", length - 1), seed=seed)
+        summary, _ = summarize_influence(rows, targets, auto_fit_range(length - 1), seed=seed)
     model.train(was)
     from .spectrum import memory_horizon
 

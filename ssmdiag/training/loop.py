@@ -1,9 +1,12 @@
-"""Training loop for polarized (and default) SSMs through accelerate: one GPU, several (`accelerate launch`) or CPU.
+"""The training loop through accelerate (one GPU, several with `accelerate launch`, or CPU), and its evaluations.
 
-Polarized A_log entries stay fixed: their gradients are zeroed before every optimizer step and A_log sits in
-the no-weight-decay group (AdamW with zero gradient and no decay leaves a value bit-identical); `train_model`
-checks that at the end. Early stop when validation accuracy exceeds a threshold (Zoology: 0.99). The run
-saves accelerate state every `save_every` steps into `<dir>/state`, and `resume=True` picks it up.
+Entries the caller marks `frozen` (e.g. polarized A values) stay fixed: their gradients are zeroed before every
+optimizer step and their tensors sit in the no-weight-decay group (AdamW with zero gradient and no decay leaves a
+value bit-identical); `train_model` checks that at the end. `trainable` limits training to some parameters or
+entries. Early stop when the validation score exceeds a threshold (Zoology: 0.99). The run saves accelerate
+state every `save_every` steps into `<dir>/state`, and `resume=True` picks it up.
+
+Dimension letters as in docs/architecture.md: b batch, l time, j supervised (query) positions, v vocabulary.
 """
 
 from __future__ import annotations
@@ -11,20 +14,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import get_adapter
-from .data.mqar import IGNORE, MQARBatch
-from .errors import SsmdiagError
-from .polarize import new_entry_masks, polarized_masks
+from ..adapters import get_adapter
+from ..data.mqar import IGNORE, MQARBatch
+from ..results import write_json_atomic
 
-TRAINABLE = ("all", "new", "mixer")
+Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor of its shape
 
 
 @dataclass
@@ -37,7 +39,6 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: int = 0
     grad_clip: float = 1.0
-    trainable: str = "all"
     eval_every: int = 100
     save_every: int = 200
     early_stop: float | None = 0.99
@@ -62,8 +63,12 @@ class TrainResult:
 
 
 def supervised_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Logits at the positions where mask is True only: (q, V). Skips the LM head elsewhere (the bulk of the
-    cost for an 8k vocabulary)."""
+    """Logits at the supervised positions only, skipping the LM head elsewhere (the bulk of the cost for a large v).
+
+    Args:
+        ids: (b, l) token ids; mask: (b, l) bool, True where a label is.
+    Returns: (j, v).
+    """
     adapter = get_adapter(model)
     hidden = adapter.base()(input_ids=ids, use_cache=False).last_hidden_state  # (b, l, d), after the final norm
     return adapter.lm_head()(hidden[mask])
@@ -89,44 +94,26 @@ class LMLoss(nn.Module):
         self.model = model
 
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (b, l-1, v)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def trainable_masks(model: nn.Module, trainable: str) -> dict[str, torch.Tensor | None]:
-    """{parameter name: None (train all of it) or bool mask (train only True)}; absent names are frozen."""
-    if trainable not in TRAINABLE:
-        raise SsmdiagError(f"unknown --trainable '{trainable}'", hint="use all, new or mixer")
-    params = dict(model.named_parameters())
-    if trainable == "all":
-        return {n: None for n in params}
-    if trainable == "mixer":
-        adapter = get_adapter(model)
-        names = {id(m): n for n, m in model.named_modules()}
-        prefixes = [names[id(adapter.mixer(b))] + "." for b in adapter.blocks()]
-        return {n: None for n in params if any(n.startswith(p) for p in prefixes)}
-    masks = new_entry_masks(model)
-    if not masks:
-        raise SsmdiagError("--trainable new needs a polarized model with new or polarized channels",
-                           hint="use --trainable all or mixer")
-    return dict(masks)
-
-
-def _param_groups(model: nn.Module, train: dict, frozen: dict, weight_decay: float) -> list[dict]:
+def _param_groups(model: nn.Module, train: dict | None, frozen: Masks, weight_decay: float) -> list[dict]:
     """AdamW groups: matrices decay; A_log, D, biases, norms, embeddings and partly-trained tensors do not."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if name not in train:
+        if train is not None and name not in train:
             p.requires_grad_(False)
             continue
         p.requires_grad_(True)
-        partial = train[name] is not None or name in frozen
+        partial = (train is not None and train[name] is not None) or name in frozen
         plain = p.dim() >= 2 and not any(s in name for s in ("A_log", "embed", "norm"))
         (decay if plain and not partial else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up over cfg.warmup steps, then cosine decay to 0 at cfg.steps."""
     def f(step: int) -> float:
         if cfg.warmup and step < cfg.warmup:
             return (step + 1) / cfg.warmup
@@ -135,10 +122,60 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return f
 
 
+@dataclass
+class _Session:
+    """The prepared pieces of one training run: accelerator, wrapped model, optimizer, scheduler, masks."""
+
+    acc: Any
+    pmodel: nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    params: dict[str, nn.Parameter]
+    frozen: Masks
+    keep: Masks
+    state_dir: Path | None
+
+    @property
+    def model(self) -> nn.Module:
+        """The causal LM inside the accelerate-wrapped loss module."""
+        return self.acc.unwrap_model(self.pmodel).model
+
+    def step(self, ids: torch.Tensor, labels: torch.Tensor, grad_clip: float) -> float:
+        """One optimizer step on a (b, l) batch; returns the loss."""
+        loss_t = self.pmodel(ids.to(self.acc.device), labels.to(self.acc.device))
+        self.acc.backward(loss_t)
+        _mask_grads(self.params, self.frozen, self.keep)
+        if grad_clip:
+            self.acc.clip_grad_norm_(self.pmodel.parameters(), grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss_t.detach())
+
+
+def _prepare(model: nn.Module, cfg: TrainConfig, loss: type[nn.Module], cpu: bool, frozen: Masks,
+             trainable: dict | None, run_dir: Path | None) -> _Session:
+    """Accelerator, optimizer groups, scheduler and the loss-wrapped model, ready to step."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    acc = Accelerator(cpu=cpu)
+    set_seed(cfg.seed)
+    frozen = {n: m.to(acc.device) for n, m in frozen.items()}
+    keep = {n: m for n, m in (trainable or {}).items() if m is not None}
+    opt = torch.optim.AdamW(_param_groups(model, trainable, frozen, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    model.train()
+    pmodel, opt, sched = acc.prepare(loss(model), opt, sched)
+    params = dict(acc.unwrap_model(pmodel).model.named_parameters())
+    return _Session(acc, pmodel, opt, sched, params, frozen, keep, Path(run_dir) / "state" if run_dir else None)
+
+
 def train_model(model: nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
                 cfg: TrainConfig, eval_fn: Callable[[nn.Module], float] | None = None, run_dir: Path | None = None,
                 resume: bool = True, on_step: Callable[[int, float], None] | None = None,
-                loss: type[nn.Module] = MQARLoss, cpu: bool | None = None) -> TrainResult:
+                loss: type[nn.Module] = MQARLoss, cpu: bool | None = None, frozen: Masks | None = None,
+                trainable: dict[str, torch.Tensor | None] | None = None) -> TrainResult:
     """Train `model` in place for `cfg.steps` steps (or until eval_fn's value > cfg.early_stop).
 
     Args:
@@ -146,73 +183,56 @@ def train_model(model: nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, 
         eval_fn: model -> validation score (accuracy), called every cfg.eval_every steps and at the end.
         run_dir: where accelerate state (model, optimizer, scheduler, RNG) and progress.json are saved.
         loss: MQARLoss (query positions only) or LMLoss (next-token loss), wrapping the model.
+        frozen: entries that must not change (True = fixed); checked bit-identical at the end.
+        trainable: None trains every parameter; else {name: None (all of it) or mask (its True entries)}, the
+            other parameters frozen.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    if cpu is None:
-        cpu = next(model.parameters()).device.type == "cpu"
-    acc = Accelerator(cpu=cpu)
-    set_seed(cfg.seed)
-    frozen = {n: m.to(acc.device) for n, m in polarized_masks(model).items()}
+    frozen = frozen or {}
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in frozen}
-    train = trainable_masks(model, cfg.trainable)
-    keep = {n: m for n, m in train.items() if m is not None}
-    groups = _param_groups(model, train, frozen, cfg.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    model.train()
-    pmodel, opt, sched = acc.prepare(loss(model), opt, sched)
-    params = dict(acc.unwrap_model(pmodel).model.named_parameters())
-    state_dir = Path(run_dir) / "state" if run_dir else None
-    start, history, resumed = 0, [], None
-    if resume and state_dir and (state_dir / "progress.json").is_file():
-        prog = json.loads((state_dir / "progress.json").read_text())
-        acc.load_state(str(state_dir))
-        start, history, resumed = int(prog["step"]), list(prog["history"]), int(prog["step"])
-    t0, loss_val, best, stopped = time.perf_counter(), None, None, "steps"
+    cpu = next(model.parameters()).device.type == "cpu" if cpu is None else cpu
+    s = _prepare(model, cfg, loss, cpu, frozen, trainable, run_dir)
+    start, history = _restore(s) if resume else (0, [])
+    t0, loss_val, stopped = time.perf_counter(), None, "steps"
     if history and cfg.early_stop is not None and history[-1].get("val", 0) > cfg.early_stop:
         stopped = "resumed_finished"
     step = start
     while step < cfg.steps and stopped == "steps":
         # several processes (accelerate launch): each draws its own batch, so the effective batch grows with them
-        ids, labels = batch_fn(step * acc.num_processes + acc.process_index)
-        loss_t = pmodel(ids.to(acc.device), labels.to(acc.device))
-        acc.backward(loss_t)
-        _mask_grads(params, frozen, keep)
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(pmodel.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss_val = s.step(*batch_fn(step * s.acc.num_processes + s.acc.process_index), cfg.grad_clip)
         step += 1
-        loss_val = float(loss_t.detach())
         if on_step:
             on_step(step, loss_val)
         if eval_fn and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val = float(eval_fn(acc.unwrap_model(pmodel).model))
-            pmodel.train()
+            val = float(eval_fn(s.model))
+            s.pmodel.train()
             history.append({"step": step, "loss": loss_val, "val": val})
             if cfg.early_stop is not None and val > cfg.early_stop:
                 stopped = "early_stop"
-        if state_dir and (step % cfg.save_every == 0 or step == cfg.steps or stopped != "steps"):
-            _save_state(acc, state_dir, step, history)
+        if s.state_dir and (step % cfg.save_every == 0 or step == cfg.steps or stopped != "steps"):
+            _save_state(s.acc, s.state_dir, step, history)
     seconds = time.perf_counter() - t0
-    model = acc.unwrap_model(pmodel).model
+    model = s.model
     model.eval()
     vals = [h["val"] for h in history if h.get("val") is not None]
-    intact = all(torch.equal(params[n].detach().cpu()[frozen[n].cpu()], before[n].cpu()[frozen[n].cpu()])
-                 for n in frozen) if frozen else None
     return TrainResult(steps_done=step, stopped=stopped, seconds=seconds,
                        seconds_per_step=seconds / max(step - start, 1), final_loss=loss_val,
                        best_val=max(vals) if vals else None, history=history,
-                       frozen_entries=int(sum(int(m.sum()) for m in frozen.values())), frozen_intact=intact,
-                       resumed_from=resumed, trainable_params=sum(p.numel() for p in model.parameters()
-                                                                    if p.requires_grad))
+                       frozen_entries=int(sum(int(m.sum()) for m in s.frozen.values())),
+                       frozen_intact=_intact(model, s.frozen, before), resumed_from=start or None,
+                       trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
 
 
-def _mask_grads(params: dict, frozen: dict, keep: dict) -> None:
-    """Zero the gradients of polarized entries, and of entries outside --trainable new's masks."""
+def _intact(model: nn.Module, frozen: Masks, before: dict[str, torch.Tensor]) -> bool | None:
+    """Whether every frozen entry is bit-identical to its value before training (None: nothing was frozen)."""
+    if not frozen:
+        return None
+    params = dict(model.named_parameters())
+    return all(torch.equal(params[n].detach().cpu()[frozen[n].cpu()], before[n].cpu()[frozen[n].cpu()])
+               for n in frozen)
+
+
+def _mask_grads(params: dict, frozen: Masks, keep: Masks) -> None:
+    """Zero the gradients of frozen entries, and of entries outside the `trainable` masks."""
     with torch.no_grad():
         for n, m in frozen.items():
             g = params[n].grad
@@ -224,10 +244,17 @@ def _mask_grads(params: dict, frozen: dict, keep: dict) -> None:
                 g.masked_fill_(~m.to(g.device), 0.0)
 
 
+def _restore(s: _Session) -> tuple[int, list[dict]]:
+    """(step, history) of the last saved state in s.state_dir, loaded into the session; (0, []) if none."""
+    if not (s.state_dir and (s.state_dir / "progress.json").is_file()):
+        return 0, []
+    prog = json.loads((s.state_dir / "progress.json").read_text())
+    s.acc.load_state(str(s.state_dir))
+    return int(prog["step"]), list(prog["history"])
+
+
 def _save_state(acc, state_dir: Path, step: int, history: list[dict]) -> None:
     """accelerate state + progress.json (written last, atomically: a state without it is ignored)."""
-    from .results import write_json_atomic
-
     acc.wait_for_everyone()
     if acc.is_main_process:
         prog = state_dir / "progress.json"
@@ -243,16 +270,16 @@ def _save_state(acc, state_dir: Path, step: int, history: list[dict]) -> None:
 def mqar_accuracy(model: nn.Module, batch: MQARBatch, batch_size: int = 64) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Recall accuracy over query positions; also per-query (distance, correct) for binning.
 
-    Returns (accuracy, distances (q,), correct (q,) bool).
+    Returns (accuracy, distances (j,), correct (j,) bool).
     """
     model.eval()
     dev = next(model.parameters()).device
     dists, hits = [], []
     for i in range(0, batch.inputs.shape[0], batch_size):
-        ids = batch.inputs[i:i + batch_size].to(dev)
+        ids = batch.inputs[i:i + batch_size].to(dev)  # (b, l)
         labels = batch.labels[i:i + batch_size]
         mask = labels != IGNORE
-        pred = supervised_logits(model, ids, mask.to(dev)).argmax(-1).cpu()
+        pred = supervised_logits(model, ids, mask.to(dev)).argmax(-1).cpu()  # (j,)
         hits.append(pred == labels[mask])
         dists.append(batch.distance[i:i + batch_size][mask])
     hit, dist = torch.cat(hits), torch.cat(dists)
@@ -267,20 +294,20 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> 
     total, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i:i + batch_size].to(dev)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()  # (b, l-1, v)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         total, count = total + float(loss), count + ids[:, 1:].numel()
     return math.exp(total / max(count, 1))
 
 
 def binned_accuracy(dist: torch.Tensor, hit: torch.Tensor, edges: list[int]) -> list[dict]:
-    """Recall accuracy per key–query distance bin [edges[i], edges[i+1])."""
+    """Recall accuracy per key–query distance bin [edges[i], edges[i+1]).
+
+    Args:
+        dist: (j,) key–query distances; hit: (j,) bool, whether each query was answered right.
+    """
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         m = (dist >= lo) & (dist < hi)
         out.append({"lo": lo, "hi": hi, "n": int(m.sum()), "acc": float(hit[m].float().mean()) if m.any() else None})
     return out
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)

@@ -3,8 +3,9 @@ mixed-length MQAR and tested at one length with several key–value counts (Wang
 
 A variant with polarized channels has d_state = N + (number of polarized channels), like the paper's code:
 the extra channels are ordinary, randomly initialised state channels except that A is fixed at the
-polarized value (ssmdiag.polarize: A_log = -40 -> Ā ≡ 1, A_log = +40 -> Ā ≡ 0) and recorded in the config,
-so training keeps it fixed. Every trained model is saved as an ordinary HF checkpoint.
+polarized value (ssmdiag.polarize.record: A_log = -40 -> Ā ≡ 1, A_log = +40 -> Ā ≡ 0) and recorded in the
+config, so training keeps it fixed. Every trained model is saved as an ordinary HF checkpoint. Running the cells
+(one after the other, or in parallel processes) and the table are the job's: ssmdiag/jobs/grid.py.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from typing import Callable
 
 import torch
 
-from .data.mqar import MQARSegment, check_segments, generate_mqar, mixture_batch
-from .errors import SsmdiagError
-from .loading import install_kernels
-from .polarize import A_LOG_ONE, A_LOG_ZERO, mixer_prefixes, record_operation
-from .results import write_json_atomic
-from .runtime import is_main_process, set_threads
-from .train import TrainConfig, binned_accuracy, mqar_accuracy, train_model
+from ..data.mqar import MQARSegment, check_segments, generate_mqar, mixture_batch
+from ..errors import SsmdiagError
+from ..polarize.masks import mixer_prefixes, polarized_masks
+from ..polarize.record import ROLES, operation, record_operation, set_polar_a_log
+from ..polarize.surgery import appended_slots
+from ..results import write_json_atomic
+from ..runtime import is_main_process
+from .loop import TrainConfig, binned_accuracy, mqar_accuracy, train_model
 
-VARIANTS = {"default": (), "one": ("one",), "zero": ("zero",), "both": ("one", "zero")}
+VARIANTS = {"default": (), **ROLES}  # variant -> the polarized roles its extra state channels get
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def get_preset(name: str, **overrides) -> GridPreset:
         if v not in VARIANTS:
             raise SsmdiagError(f"unknown variant '{v}'", hint=f"use any of: {', '.join(VARIANTS)}")
     if not preset.layers or any(n < 1 for n in preset.layers):
-        raise SsmdiagError(f"layer counts {list(preset.layers)} must be positive", hint="e.g. --layers 2,4")
+        raise SsmdiagError(f"layer counts {list(preset.layers)} must be positive", hint="e.g. --n-layers 2,4")
     check_segments(preset.vocab_size, list(preset.train))
     for k in preset.test_pairs:
         check_segments(preset.vocab_size, [MQARSegment(preset.test_len, k, 1)])
@@ -98,8 +100,15 @@ def get_preset(name: str, **overrides) -> GridPreset:
 
 
 def build_variant(preset: GridPreset, variant: str, layers: int, seed: int = 0, backend: str = "auto"):
-    """A fresh HF Mamba for one grid cell (transformers' own init), polarized channels fixed and recorded."""
+    """A fresh HF Mamba for one grid cell (transformers' own init), polarized channels fixed and recorded.
+
+    Args:
+        layers: the number of layers (every layer is polarized).
+        backend: scan backend of ssmdiag's kernels ("hf": transformers' own path).
+    """
     from transformers import MambaConfig, MambaForCausalLM
+
+    from ..kernels import mixer
 
     roles = VARIANTS[variant]
     n = preset.d_state
@@ -108,21 +117,16 @@ def build_variant(preset: GridPreset, variant: str, layers: int, seed: int = 0, 
                       eos_token_id=0, use_cache=False)
     torch.manual_seed(seed)
     model = MambaForCausalLM(cfg)
-    one = [n + roles.index("one")] if "one" in roles else []
-    zero = [n + roles.index("zero")] if "zero" in roles else []
+    one, zero = appended_slots(roles, n)
     with torch.no_grad():
         for pre in mixer_prefixes(model):
-            a_log = model.get_parameter(f"{pre}.A_log")  # (d, n + k)
-            a_log[:, one] = A_LOG_ONE
-            a_log[:, zero] = A_LOG_ZERO
+            set_polar_a_log(model.get_parameter(f"{pre}.A_log"), one, zero)  # (d, n + k)
     if roles:
-        record_operation(model.config, {"unit": "state_channel", "mode": "scratch", "channels": variant,
-                                        "layers": list(range(layers)), "one": one, "zero": zero,
-                                        "added": one + zero, "source": f"mqar grid {preset.name}", "seed": seed})
-    install_kernels(model, backend)
+        op = operation("state_channel", "scratch", variant, list(range(layers)), one, zero, one + zero)
+        record_operation(model.config, {**op, "source": f"mqar grid {preset.name}", "seed": seed})
+    if backend != "hf":
+        mixer.install(model, backend)
     return model
-
-
 
 
 def distance_edges(test_len: int) -> list[int]:
@@ -153,7 +157,7 @@ class CellResult:
     history: list[dict] = field(default_factory=list)
 
 
-def test_sets(preset: GridPreset, seed: int, examples: int, offset: int) -> dict[int, object]:
+def fixed_sets(preset: GridPreset, seed: int, examples: int, offset: int) -> dict[int, object]:
     """Fixed test (or validation) batches per KV count, seeded apart from the training stream."""
     return {k: generate_mqar(preset.vocab_size, preset.test_len, k, examples, seed * 7919 + offset + k)
             for k in preset.test_pairs}
@@ -166,7 +170,7 @@ def run_cell(preset: GridPreset, variant: str, layers: int, cell_dir: Path, seed
     if done.is_file():
         return CellResult(**json.loads(done.read_text()))
     model = build_variant(preset, variant, layers, seed, backend).to(device)
-    val = test_sets(preset, seed, preset.val_examples, offset=1)
+    val = fixed_sets(preset, seed, preset.val_examples, offset=1)
     segments = list(preset.train)
 
     def batch(step: int):
@@ -180,10 +184,10 @@ def run_cell(preset: GridPreset, variant: str, layers: int, cell_dir: Path, seed
                       weight_decay=preset.weight_decay, warmup=preset.warmup, eval_every=preset.eval_every,
                       save_every=preset.eval_every, early_stop=0.99, seed=seed)
     res = train_model(model, batch, cfg, eval_fn=evaluate, run_dir=cell_dir, resume=True, on_step=on_step,
-                      cpu=device == "cpu")
+                      cpu=device == "cpu", frozen=polarized_masks(model))
     t0 = time.perf_counter()
     acc, dists, hits = {}, [], []
-    for k, b in test_sets(preset, seed, preset.test_examples, offset=2).items():
+    for k, b in fixed_sets(preset, seed, preset.test_examples, offset=2).items():
         a, d, h = mqar_accuracy(model, b)
         acc[str(k)] = a
         dists.append(d), hits.append(h)
@@ -198,36 +202,9 @@ def run_cell(preset: GridPreset, variant: str, layers: int, cell_dir: Path, seed
 
 
 def cell_result(variant, layers, acc, by_dist, res, t0: float, ckpt: Path) -> CellResult:
+    """The CellResult of a trained cell (training time plus the test time since t0)."""
     return CellResult(variant=variant, layers=layers, acc=acc, average=sum(acc.values()) / len(acc),
                       by_distance=by_dist, steps=res.steps_done, stopped=res.stopped,
                       train_seconds=res.seconds + (time.perf_counter() - t0), seconds_per_step=res.seconds_per_step,
                       best_val=res.best_val, frozen_intact=res.frozen_intact, checkpoint=str(ckpt),
                       history=res.history)
-
-
-def _worker_init(threads: int | None) -> None:
-    """A grid worker process: its own thread count, transformers quiet."""
-    from .loading import quiet_transformers
-
-    quiet_transformers()
-    set_threads(threads)
-
-
-def run_cells_parallel(preset: GridPreset, cells: list[tuple[str, int]], path: Path, seed: int, backend: str,
-                       jobs: int, threads: int | None, on_done: Callable[[CellResult], None] | None = None
-                       ) -> list[CellResult]:
-    """Train cells in `jobs` CPU worker processes at once (on a 2-core machine two 1-thread cells finish about
-    twice as fast as one after the other); results in the order of `cells`."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    done: dict[tuple[str, int], CellResult] = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:
-        futures = {pool.submit(run_cell, preset, v, n, path / f"{v}-{n}L", seed, backend, None, "cpu"): (v, n)
-                   for v, n in cells}
-        for fut in as_completed(futures):
-            done[futures[fut]] = fut.result()
-            if on_done:
-                on_done(done[futures[fut]])
-    return [done[c] for c in cells]

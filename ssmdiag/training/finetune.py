@@ -1,21 +1,23 @@
-"""`ssmdiag polarize MODEL --train`: fine-tune a polarized checkpoint on MQAR or on text, evaluating before and after.
+"""Fine-tuning tasks: MQAR or next-token loss on a text corpus, evaluated before and after training in place.
 
-The polarized A entries stay fixed (ssmdiag.train masks their gradients and keeps them out of weight decay);
-the result records whether they are bit-identical after training.
+Behind `ssmdiag polarize MODEL --train`. Which entries stay fixed or train is the caller's choice (masks passed
+through to the loop); the result records whether the fixed ones are bit-identical after training.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .data.mqar import check_mqar, generate_mqar
-from .errors import SsmdiagError
-from .train import LMLoss, MQARLoss, TrainConfig, TrainResult, mqar_accuracy, perplexity, train_model
+from ..data.mqar import check_mqar, generate_mqar
+from ..errors import SsmdiagError
+from .loop import LMLoss, Masks, MQARLoss, TrainConfig, TrainResult, mqar_accuracy, perplexity, train_model
+
+TASKS = ("mqar", "text")  # --task
 
 
 @dataclass
@@ -43,7 +45,7 @@ class FinetuneResult:
 
 def check_task(spec: TaskSpec, vocab_size: int) -> None:
     """Refuse impossible settings before any training starts."""
-    if spec.task not in ("mqar", "text"):
+    if spec.task not in TASKS:
         raise SsmdiagError(f"unknown --task '{spec.task}'", hint="use mqar or text")
     if spec.task == "text" and spec.text is None:
         raise SsmdiagError("--task text needs --text FILE (a plain-text corpus)", hint="pass --text path/to/corpus.txt")
@@ -68,7 +70,11 @@ def text_windows(path: Path, tokenizer: Any, seq_len: int) -> tuple[torch.Tensor
 
 
 def make_task(spec: TaskSpec, vocab_size: int, tokenizer: Any, batch_size: int, seed: int):
-    """(batch_fn, eval_fn, evaluate_all, loss class) for the task."""
+    """(batch_fn, score_fn, evaluate_all, loss class) for the task.
+
+    batch_fn: step -> (ids (b, l), labels (b, l)); score_fn: model -> validation score for early stopping (MQAR
+    mean accuracy; None for text); evaluate_all: model -> {metric: value}.
+    """
     if spec.task == "mqar":
         tests = {k: generate_mqar(vocab_size, spec.seq_len, k, spec.test_examples, seed * 7919 + 2 + k)
                  for k in spec.test_pairs}
@@ -99,14 +105,20 @@ def make_task(spec: TaskSpec, vocab_size: int, tokenizer: Any, batch_size: int, 
 
 
 def finetune(model: nn.Module, spec: TaskSpec, cfg: TrainConfig, tokenizer: Any = None, run_dir: Path | None = None,
-             on_step: Callable[[int, float], None] | None = None, resume: bool = True) -> FinetuneResult:
-    """Evaluate, train in place, evaluate again."""
+             on_step: Callable[[int, float], None] | None = None, resume: bool = True, frozen: Masks | None = None,
+             trainable: dict[str, torch.Tensor | None] | None = None) -> FinetuneResult:
+    """Evaluate, train in place, evaluate again.
+
+    Args:
+        tokenizer: needed for the text task only.
+        run_dir, on_step, resume, frozen, trainable: passed to `train_model`.
+    """
     vocab = int(model.config.vocab_size)
     check_task(spec, vocab)
     batch, score, evaluate_all, loss = make_task(spec, vocab, tokenizer, cfg.batch_size, cfg.seed)
     before = evaluate_all(model)
     early = cfg.early_stop if spec.task == "mqar" else None
-    cfg = TrainConfig(**{**cfg.__dict__, "early_stop": early})
+    cfg = replace(cfg, early_stop=early)
     res = train_model(model, batch, cfg, eval_fn=score, run_dir=run_dir, resume=resume, on_step=on_step, loss=loss,
-                      cpu=next(model.parameters()).device.type == "cpu")
+                      cpu=next(model.parameters()).device.type == "cpu", frozen=frozen, trainable=trainable)
     return FinetuneResult(task=spec.task, before=before, after=evaluate_all(model), train=res)

@@ -1,0 +1,112 @@
+"""Which parameter entries training keeps fixed (the polarized A values) and which `--trainable` lets it train.
+
+Every mask is {parameter name: bool tensor of the parameter's shape}; the training loop takes them as arguments
+(it knows nothing about polarization). Dimension letters as in docs/architecture.md:
+d channels, n state size, h heads, p head dim, g groups; Mamba-1's Δ rank is spelled dt_rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters import get_adapter
+from ..errors import SsmdiagError
+from .record import polarization_record
+
+TRAINABLE = ("all", "new", "mixer")  # --trainable
+
+
+def mixer_prefixes(model: nn.Module) -> list[str]:
+    """The state-dict prefix of each layer's mixer, in layer order."""
+    adapter = get_adapter(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(adapter.mixer(b))] for b in adapter.blocks()]
+
+
+def _mask(masks: dict[str, torch.Tensor], params: dict[str, nn.Parameter], name: str) -> torch.Tensor:
+    """The (all False at first) mask of parameter `name` inside `masks`."""
+    p = params[name]
+    return masks.setdefault(name, torch.zeros(p.shape, dtype=torch.bool, device=p.device))
+
+
+def polarized_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{parameter name: bool mask} of the A_log entries that must stay fixed (True = frozen)."""
+    masks: dict[str, torch.Tensor] = {}
+    params = dict(model.named_parameters())
+    prefixes = mixer_prefixes(model)
+    for op in polarization_record(model.config):
+        idx = op["one"] + op["zero"]
+        for layer in op["layers"]:
+            m = _mask(masks, params, f"{prefixes[layer]}.A_log")  # (d, n) or (h,)
+            if idx:
+                m[..., idx] = True
+    return masks
+
+
+def new_entry_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{parameter name: bool mask} of the entries that belong to polarized or added channels/heads.
+
+    This is what `--trainable new` trains: for Mamba-1 the B and C rows of those state channels in x_proj
+    (and their A_log columns); for Mamba-2 every slice of those heads (in_proj rows, conv channels,
+    dt_bias, D, A_log, norm weight, out_proj columns).
+    """
+    masks: dict[str, torch.Tensor] = {}
+    params = dict(model.named_parameters())
+    prefixes = mixer_prefixes(model)
+    for op in polarization_record(model.config):
+        idx = sorted(set(op["one"] + op["zero"] + op["added"]))
+        if not idx:
+            continue
+        layers = op["layers"] if op["mode"] == "replace" else range(len(prefixes))
+        for layer in layers:
+            for name, rows in _entry_slices(model.config, op["unit"], idx).items():
+                key = f"{prefixes[layer]}.{name}"
+                if key not in params:
+                    continue
+                m = _mask(masks, params, key)
+                if name == "out_proj.weight":  # (hidden, d): columns are channels
+                    m[:, rows] = True
+                elif name == "A_log":  # (d, n): state-channel columns; (h,): heads
+                    m[..., rows] = True
+                else:
+                    m[rows] = True
+    return masks
+
+
+def _entry_slices(cfg, unit: str, idx: list[int]) -> dict[str, list[int]]:
+    """Which rows (or columns) of which mixer parameters hold the given state channels / heads."""
+    if unit == "state_channel":
+        r, n = int(cfg.time_step_rank), int(cfg.state_size)
+        return {"x_proj.weight": [r + i for i in idx] + [r + n + i for i in idx], "A_log": idx}
+    p, h, g, n = int(cfg.head_dim), int(cfg.num_heads), int(cfg.n_groups), int(cfg.state_size)
+    d, hpg = h * p, h // g
+    chan = [i * p + j for i in idx for j in range(p)]
+    # a group's B and C rows belong to the entries only when every head of the group does (added groups)
+    whole = [q for q in range(g) if all(q * hpg + j in idx for j in range(hpg))]
+    bc = [q * n + j for q in whole for j in range(n)]
+    bc_rows = bc + [g * n + r for r in bc]
+    proj = chan + [d + c for c in chan] + [2 * d + r for r in bc_rows] + [2 * d + 2 * g * n + i for i in idx]
+    return {"in_proj.weight": proj, "in_proj.bias": proj, "conv1d.weight": chan + [d + r for r in bc_rows],
+            "conv1d.bias": chan + [d + r for r in bc_rows], "dt_bias": idx, "D": idx, "A_log": idx,
+            "norm.weight": chan, "out_proj.weight": chan}
+
+
+def trainable_masks(model: nn.Module, trainable: str) -> dict[str, torch.Tensor | None] | None:
+    """What `--trainable` trains: None (every parameter), or {name: None (all of it) or bool mask (True entries)}.
+
+    Args:
+        trainable: "all", "new" (the entries of polarized or added channels/heads) or "mixer" (the SSM mixers).
+    """
+    if trainable not in TRAINABLE:
+        raise SsmdiagError(f"unknown --trainable '{trainable}'", hint="use all, new or mixer")
+    if trainable == "all":
+        return None
+    if trainable == "mixer":
+        prefixes = [p + "." for p in mixer_prefixes(model)]
+        return {n: None for n, _ in model.named_parameters() if n.startswith(tuple(prefixes))}
+    masks = new_entry_masks(model)
+    if not masks:
+        raise SsmdiagError("--trainable new needs a polarized model with new or polarized channels",
+                           hint="use --trainable all or mixer")
+    return dict(masks)

@@ -1,0 +1,329 @@
+"""The tensor surgery behind `ssmdiag polarize`: add or repurpose polarized state channels / heads.
+
+Dimension letters as in docs/architecture.md: d channels, n state size, h heads, p head dim, g groups, m added
+channels (Mamba-1) or heads (Mamba-2); Mamba-1's Δ rank is spelled dt_rank.
+
+Mamba-1, add (function-preserving): d_state n -> n+m in every layer (transformers keeps one state_size
+per model). x_proj's rows are [Δ (r) | B (n) | C (n)]; the new channels get B rows of small random
+values and C rows of exact zeros, so they fill but are never read (y = C·h is unchanged) until training
+moves C. Layers that are not polarized get the same number of inert channels with ordinary A.
+FalconMamba normalises B and C over the state dimension (weightless RMSNorm), so a zero row rescales
+both by sqrt((n+m)/n); D is multiplied and out_proj divided by s = (n+m)/n, which cancels it exactly
+up to the norm's ε (measured, reported).
+
+Mamba-2, add (function-preserving): heads are added as whole new B/C groups through `expand`
+(transformers requires hidden·expand = h·p with an integer expand, and equal heads per group). A new
+head's gate rows (z) are zero, so silu(z) = 0 and its gated output is exactly 0; since the new heads
+form their own gated-RMSNorm groups (MambaRMSNormGated normalises per group), the old groups' variance
+is untouched. Appending keeps every old head's index and group. In each new group the first head is
+polarized to Ā ≡ 1 and the second to Ā ≡ 0; any further new heads are free capacity with ordinary A.
+Growing in-place (more heads per old group) would dilute the group variance and break exactness
+through the norm's ε, which is shared with the block norms in the config.
+
+Replace mode repurposes existing channels (Mamba-1: first = one, last = zero) or heads (Mamba-2: the
+first / last head of each group): the function changes, and the report says by how much.
+
+The rebuilt model runs on the same scan path as the input (ssmdiag's kernels when they were installed on it,
+with the same backend), so the logit check compares the surgery, not two scans.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ..adapters import get_adapter
+from ..errors import SsmdiagError
+from .masks import mixer_prefixes
+from .record import ROLES, PolarizeReport, check_not_polarized, operation, record_operation, set_polar_a_log
+
+POLARIZABLE = ("mamba", "falcon_mamba", "mamba2")
+B_NEW_SCALE = 1e-3  # new B rows, relative to the existing rows' std (Adam's steps do not depend on it)
+OUT_NEW_SCALE = 1e-2  # new Mamba-2 out_proj columns, relative
+Slots = tuple[list[int], list[int], list[int], str]  # one, zero, added, how
+MODES = ("add", "replace")  # --mode
+
+
+def check_polarizable(model: nn.Module, channels: str, mode: str) -> str:
+    """Refuse non-SSM models and unknown options; return the family."""
+    family = get_adapter(model).family
+    if family not in POLARIZABLE:
+        raise SsmdiagError(f"polarization needs an SSM, but this is a {family} model",
+                           hint="use a Mamba, Mamba-2 or FalconMamba checkpoint")
+    if channels not in ROLES:
+        raise SsmdiagError(f"unknown --channels '{channels}'", hint="use one, zero or both")
+    if mode not in MODES:
+        raise SsmdiagError(f"unknown --mode '{mode}'", hint="use add or replace")
+    return family
+
+
+def appended_slots(roles: tuple[str, ...], n: int) -> tuple[list[int], list[int]]:
+    """The 'one' and 'zero' indices when channels/heads with `roles` (in order) are appended after `n` existing ones."""
+    one = [n + roles.index("one")] if "one" in roles else []
+    zero = [n + roles.index("zero")] if "zero" in roles else []
+    return one, zero
+
+
+def polarize_model(model: nn.Module, channels: str = "both", mode: str = "add", layers: list[int] | None = None,
+                   seed: int = 0, check_tokens: int = 64, source: str | None = None) -> tuple[nn.Module, PolarizeReport]:
+    """Return a polarized copy of `model` (the input is left untouched) and a report with max |Δ logit|.
+
+    Args:
+        channels: "one" (Ā ≡ 1), "zero" (Ā ≡ 0) or "both".
+        mode: "add" (new channels/heads, function-preserving) or "replace" (repurpose existing ones).
+        layers: layer indices to polarize (None: every layer).
+        check_tokens: length of the random check sequence (2 rows) for the logit comparison.
+        source: where the model came from, kept in the config record.
+    """
+    family = check_polarizable(model, channels, mode)
+    adapter = get_adapter(model)
+    chosen = list(range(adapter.num_layers)) if layers is None else sorted(set(layers))
+    if any(not 0 <= i < adapter.num_layers for i in chosen):
+        raise SsmdiagError(f"layers {chosen} are out of range: the model has {adapter.num_layers} layers",
+                           hint=f"use layer indices within 0-{adapter.num_layers - 1}")
+    roles = ROLES[channels]
+    check_not_polarized(model.config, roles, chosen)
+    gen = torch.Generator().manual_seed(seed)
+    cfg = copy.deepcopy(model.config)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    prefixes = mixer_prefixes(model)
+    if family == "mamba2":
+        unit, size_before = "head", adapter.n_heads
+        surgery = _mamba2_add if mode == "add" else _mamba2_replace
+        one, zero, added, how = surgery(cfg, sd, prefixes, roles, chosen, gen)
+        size_after = int(cfg.num_heads)
+    else:
+        unit, size_before = "state_channel", adapter.d_state
+        surgery = _mamba1_add if mode == "add" else _mamba1_replace
+        one, zero, added, how = surgery(cfg, sd, prefixes, roles, chosen, gen, falcon=family == "falcon_mamba")
+        size_after = int(cfg.state_size)
+    op = operation(unit, mode, channels, chosen, one, zero, added)
+    record_operation(cfg, {**op, "source": source, "seed": seed})
+    new_model = _rebuild(model, cfg, sd)
+    report = PolarizeReport(
+        family=family, mode=mode, channels=channels, unit=unit, layers=chosen, one=one, zero=zero,
+        added=added, size_before=size_before, size_after=size_after,
+        params_before=sum(p.numel() for p in model.parameters()),
+        params_after=sum(p.numel() for p in new_model.parameters()),
+        function_preserving=mode == "add", how=how, check_tokens=check_tokens)
+    report.max_abs_dlogit, report.rel_dlogit, report.check_dtype = logit_change(model, new_model, check_tokens, seed)
+    return new_model, report
+
+
+@torch.no_grad()
+def logit_change(before: nn.Module, after: nn.Module, seq_len: int = 64, seed: int = 0) -> tuple[float, float, str]:
+    """max |logits_after - logits_before| (and that relative to max |logits|) on 2 random sequences of seq_len."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    vocab = int(before.config.vocab_size)
+    dev = next(before.parameters()).device
+    ids = torch.randint(0, vocab, (2, seq_len), generator=gen).to(dev)  # (b, l)
+    was = before.training, after.training
+    before.eval(), after.eval()
+    a = before(input_ids=ids, use_cache=False).logits.float()  # (b, l, vocab)
+    b = after(input_ids=ids.to(next(after.parameters()).device), use_cache=False).logits.float().to(a.device)
+    before.train(was[0]), after.train(was[1])
+    diff = (a - b).abs().max().item()
+    return diff, diff / max(a.abs().max().item(), 1e-30), str(next(after.parameters()).dtype).replace("torch.", "")
+
+
+def installed_backend(model: nn.Module) -> str | None:
+    """The scan backend ssmdiag's kernels were installed with on `model`, or None (transformers' own path)."""
+    for m in model.modules():
+        if getattr(m, "_ssmdiag_backend", None) is not None:
+            return m._ssmdiag_backend
+    return None
+
+
+def _rebuild(model: nn.Module, new_cfg, new_sd: dict[str, torch.Tensor]) -> nn.Module:
+    """A fresh model of the same class from the new config, holding the new weights (same dtype, device, scan path)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..kernels import mixer
+
+    p0 = next(model.parameters())
+    new = AutoModelForCausalLM.from_config(new_cfg, dtype=p0.dtype).to(p0.device)
+    new.load_state_dict(new_sd, strict=True)
+    for name, buf in new.named_buffers():  # weightless norms keep their constant dummy weights
+        buf.fill_(1.0) if name.endswith("layernorm.weight") else None
+    new.train(model.training)
+    backend = installed_backend(model)
+    if backend is not None:
+        mixer.install(new, backend)
+    return new
+
+
+def _polarize_chosen(sd: dict, prefixes: list[str], chosen: list[int], one: list[int], zero: list[int]) -> None:
+    """Write the polarized A values into the chosen layers' A_log (replace mode)."""
+    for layer in chosen:
+        set_polar_a_log(sd[f"{prefixes[layer]}.A_log"], one, zero)
+
+
+# --- Mamba-1 / FalconMamba ----------------------------------------------------------------------
+def _mamba1_replace(cfg, sd, prefixes, roles, chosen, gen, falcon) -> Slots:
+    """Repurpose state channel 0 (Ā ≡ 1) and n-1 (Ā ≡ 0): A only, B and C rows kept."""
+    n = int(cfg.state_size)
+    if n < 2 and len(roles) == 2:
+        raise SsmdiagError("replace mode needs d_state >= 2 to hold both channels", hint="use --mode add")
+    one = [0] if "one" in roles else []
+    zero = [n - 1] if "zero" in roles else []
+    _polarize_chosen(sd, prefixes, chosen, one, zero)
+    return one, zero, [], f"repurposed state channel(s) {one + zero} of d_state {n} (A only; B and C rows kept)"
+
+
+def _mamba1_add(cfg, sd, prefixes, roles, chosen, gen, falcon) -> Slots:
+    """Append len(roles) state channels (more for FalconMamba, see below) to every layer; polarize the chosen ones."""
+    n, dt_rank = int(cfg.state_size), int(cfg.time_step_rank)
+    m, m_dt = len(roles), 0
+    # FalconMamba's weightless RMSNorms share one ε (mixer_rms_eps) over Δ (dt_rank), B and C (n). A zero row
+    # dilutes mean(x²) by n/(n+m); scaling ε by the same factor makes the rescaling exact. That needs Δ diluted alike:
+    # m_dt = m·dt_rank/n zero Δ rows; when that is not a whole number, add free (unpolarized) state channels
+    # until it is.
+    if falcon:
+        m = next(mm for mm in range(m, m + n + 1) if (mm * dt_rank) % n == 0)
+        m_dt = m * dt_rank // n
+    if m_dt:
+        cfg.mixer_rms_eps = float(cfg.mixer_rms_eps) * n / (n + m)
+        cfg.time_step_rank = dt_rank + m_dt
+    one, zero = appended_slots(roles, n)
+    for layer, pre in enumerate(prefixes):
+        polar = layer in chosen
+        _grow_mamba1_layer(sd, pre, n, dt_rank, m, m_dt, one if polar else [], zero if polar else [], falcon, gen)
+    cfg.state_size = n + m
+    added = list(range(n, n + m))
+    how = (f"d_state {n} -> {n + m}: new state channels {added} with B rows small and C rows zero in x_proj"
+           + (", D x s and out_proj / s with s = (n+m)/n to cancel the B/C RMSNorm rescaling" if falcon else "")
+           + (f", {m_dt} zero Δ rows and ε x n/(n+m) so the rescaling is exact" if m_dt else "")
+           + "; unpolarized layers get the same channels with ordinary A")
+    return one, zero, added, how
+
+
+# --- Mamba-2 ----------------------------------------------------------------------------------------
+def _mamba2_replace(cfg, sd, prefixes, roles, chosen, gen) -> Slots:
+    """Repurpose the first head (Ā ≡ 1) and the last head (Ā ≡ 0) of every group: A only."""
+    h, g = int(cfg.num_heads), int(cfg.n_groups)
+    hpg = h // g
+    if hpg < len(roles):
+        raise SsmdiagError(f"replace mode needs {len(roles)} heads per group; this model has {hpg}",
+                           hint="use --mode add or --channels one")
+    one = [gi * hpg for gi in range(g)] if "one" in roles else []
+    zero = [gi * hpg + hpg - 1 for gi in range(g)] if "zero" in roles else []
+    _polarize_chosen(sd, prefixes, chosen, one, zero)
+    return one, zero, [], f"repurposed heads {one + zero} (first/last head of each of the {g} groups; A only)"
+
+
+def _mamba2_add(cfg, sd, prefixes, roles, chosen, gen) -> Slots:
+    """Append whole new B/C groups of heads (gates closed) to every layer; polarize heads of the chosen layers."""
+    h, g = int(cfg.num_heads), int(cfg.n_groups)
+    hpg = h // g
+    e, g_new = _mamba2_growth(cfg, len(roles))
+    m = g_new * hpg
+    if hpg >= len(roles):  # the first heads of every new group
+        slots = {role: [h + gi * hpg + j for gi in range(g_new)] for j, role in enumerate(roles)}
+    else:  # one head per group: alternate roles over the new groups
+        slots = {role: [h + gi * hpg for gi in range(j, g_new, len(roles))] for j, role in enumerate(roles)}
+    one, zero = slots.get("one", []), slots.get("zero", [])
+    for layer, pre in enumerate(prefixes):
+        polar = layer in chosen
+        _grow_mamba2_layer(sd, pre, cfg, m, g_new, one if polar else [], zero if polar else [], gen)
+    cfg.expand = int(cfg.expand) + e
+    cfg.num_heads = h + m
+    cfg.n_groups = g + g_new
+    how = (f"heads {h} -> {h + m} in {g_new} new B/C group(s) (expand +{e}, n_groups {g} -> {g + g_new}): the new "
+           "heads' gate rows z are zero, so silu(z) = 0 makes their gated output exactly 0, and as they form "
+           "their own RMSNorm groups the old groups' normalisation is untouched")
+    return one, zero, list(range(h, h + m)), how
+
+
+# --- growing one layer's tensors ----------------------------------------------------------------------
+def _std(t: torch.Tensor) -> float:
+    """The spread new random rows are scaled to (1.0 for a single entry)."""
+    return float(t.float().std()) if t.numel() > 1 else 1.0
+
+
+def _grow_mamba1_layer(sd: dict, pre: str, n: int, dt_rank: int, m: int, m_dt: int, one: list[int], zero: list[int],
+                       falcon: bool, gen: torch.Generator) -> None:
+    """Append m state channels (and m_dt zero Δ rows) to one Mamba-1 / FalconMamba layer's tensors, in place.
+
+    Args:
+        one, zero: which of the new channels (indices n … n+m-1) get Ā ≡ 1 / Ā ≡ 0; the rest get ordinary A.
+    """
+    w = sd[f"{pre}.x_proj.weight"]  # (dt_rank + 2n, d): rows [Δ | B | C]
+    d = w.shape[1]
+    b_new = torch.randn(m, d, generator=gen) * _std(w[dt_rank:dt_rank + n]) * B_NEW_SCALE
+    sd[f"{pre}.x_proj.weight"] = torch.cat(
+        [w[:dt_rank], torch.zeros(m_dt, d).to(w), w[dt_rank:dt_rank + n], b_new.to(w), w[dt_rank + n:],
+         torch.zeros(m, d).to(w)], dim=0)
+    if m_dt:  # zero Δ rows rescale the Δ RMSNorm like B and C; dt_proj's old columns take the factor back
+        wdt = sd[f"{pre}.dt_proj.weight"]  # (d, dt_rank)
+        sd[f"{pre}.dt_proj.weight"] = torch.cat(
+            [(wdt.float() / math.sqrt((dt_rank + m_dt) / dt_rank)).to(wdt), torch.zeros(d, m_dt).to(wdt)], dim=1)
+    a_log = sd[f"{pre}.A_log"]  # (d, n)
+    ordinary = torch.tensor([math.log(n + 1 + j) for j in range(m)])  # S4D-real: A = -(n+1), -(n+2), …
+    sd[f"{pre}.A_log"] = grown = torch.cat([a_log, ordinary.expand(d, m).to(a_log)], dim=1)  # (d, n + m)
+    set_polar_a_log(grown, one, zero)
+    if falcon:  # both normalised B and C grow by sqrt((n+m)/n); move that factor out of y
+        s = (n + m) / n
+        for name, factor in (("D", s), ("out_proj.weight", 1 / s)):
+            t = sd[f"{pre}.{name}"]
+            sd[f"{pre}.{name}"] = (t.float() * factor).to(t.dtype)
+
+
+def _mamba2_growth(cfg, m: int) -> tuple[int, int]:
+    """Smallest integer expand increment e that adds whole groups (g' of them) holding >= m heads in all.
+
+    transformers needs hidden·expand = heads·head_dim with an integer expand, and every group the same
+    number of heads, so e·hidden/head_dim new heads must be a multiple of heads-per-group.
+    """
+    hidden, p, g, h = int(cfg.hidden_size), int(cfg.head_dim), int(cfg.n_groups), int(cfg.num_heads)
+    hpg = h // g
+    for e in range(1, 8 * p * g + 1):
+        if (hidden * e) % p or (hidden * e // p) % hpg:
+            continue
+        g_new = hidden * e // p // hpg
+        if g_new >= 1 and g_new * hpg >= m and (hpg >= m or g_new >= m):
+            return e, g_new
+    raise SsmdiagError("cannot add Mamba-2 heads: no integer expand increment fits head_dim and n_groups",
+                       hint="use --mode replace")
+
+
+def _grow_mamba2_layer(sd: dict, pre: str, cfg, m: int, g_new: int, one: list[int], zero: list[int],
+                       gen: torch.Generator) -> None:
+    """Append m heads in g_new new groups to one Mamba-2 layer's tensors, in place (all new parts go at the end).
+
+    Args:
+        one, zero: which new heads (indices h … h+m-1) get Ā ≡ 1 / Ā ≡ 0; the rest get the layer's median A.
+    """
+    h, p, g, n = int(cfg.num_heads), int(cfg.head_dim), int(cfg.n_groups), int(cfg.state_size)
+    d, gn, gn_new = h * p, g * n, g_new * n
+
+    def rand(rows, like, scale=1.0):
+        return (torch.randn((rows, *like.shape[1:]), generator=gen) * _std(like) * scale).to(like.dtype)
+
+    def zeros(rows, like):
+        return torch.zeros((rows, *like.shape[1:]), dtype=like.dtype)
+
+    for name in ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias"):
+        key = f"{pre}.{name}"
+        if key not in sd:
+            continue
+        w, fill = sd[key], rand if name.endswith("weight") else zeros
+        x, b, c = (w[d:2 * d], w[2 * d:2 * d + gn], w[2 * d + gn:2 * d + 2 * gn]) if name.startswith("in_proj") \
+            else (w[:d], w[d:d + gn], w[d + gn:])
+        parts = [x, fill(m * p, x), b, fill(gn_new, b), c, fill(gn_new, c)]
+        if name.startswith("in_proj"):  # rows [z | x | B | C | dt]; gate rows 0: silu(0) = 0 silences the new heads
+            z, dt = w[:d], w[2 * d + 2 * gn:]
+            parts = [z, zeros(m * p, z)] + parts + [dt, fill(m, dt)]
+        sd[key] = torch.cat(parts, dim=0)
+    a_log = sd[f"{pre}.A_log"]  # (h,)
+    sd[f"{pre}.A_log"] = grown = torch.cat([a_log, torch.full((m,), float(a_log.float().median()), dtype=a_log.dtype)])
+    set_polar_a_log(grown, one, zero)
+    sd[f"{pre}.D"] = torch.cat([sd[f"{pre}.D"], torch.ones(m, dtype=sd[f"{pre}.D"].dtype)])
+    dtb = sd[f"{pre}.dt_bias"]
+    sd[f"{pre}.dt_bias"] = torch.cat([dtb, torch.full((m,), float(dtb.float().median()), dtype=dtb.dtype)])
+    nw = sd[f"{pre}.norm.weight"]
+    sd[f"{pre}.norm.weight"] = torch.cat([nw, torch.full((m * p,), float(nw.float().mean()), dtype=nw.dtype)])
+    ow = sd[f"{pre}.out_proj.weight"]  # (hidden, d): columns are channels
+    sd[f"{pre}.out_proj.weight"] = torch.cat([ow, rand(m * p, ow.T, OUT_NEW_SCALE).T], dim=1)
