@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from ssmdiag.cli import app
-from ssmdiag.metrics import needle_grid
+from ssmdiag.jobs import needle as needle_job
 
 GRID = ["--lengths", "200,320", "--depths", "3", "--max-new-tokens", "3", "--prefill-chunk", "64"]
 SAME = ("key", "length", "depth", "accuracy", "depth_actual")
@@ -107,7 +107,7 @@ def test_errors_are_one_line(tiny_mamba_dir, tiny_gpt_neox_dir, tiny_original_ma
 
 def test_resume_after_kill_computes_each_cell_once(tiny_mamba_dir, tmp_path, monkeypatch):
     reference = run_ok(tiny_mamba_dir, *GRID, "--out", tmp_path / "ref")["metrics"]["cells"]
-    real_append, real_score = needle_grid.append_cell, needle_grid.score_prompt
+    real_append, real_score = needle_job.append_cell, needle_job.score_prompt
     computed: list[str] = []  # prompts scored (identical prompts of two depths are scored once)
     written: list[str] = []
 
@@ -121,8 +121,8 @@ def test_resume_after_kill_computes_each_cell_once(tiny_mamba_dir, tmp_path, mon
         computed.append(f"{len(prompt.ids)}@{depth:g}")
         return real_score(runner, cache, prompt, needle, depth, *args, **kwargs)
 
-    monkeypatch.setattr(needle_grid, "append_cell", append_then_die)
-    monkeypatch.setattr(needle_grid, "score_prompt", counting_score)
+    monkeypatch.setattr(needle_job, "append_cell", append_then_die)
+    monkeypatch.setattr(needle_job, "score_prompt", counting_score)
     killed = invoke(tiny_mamba_dir, *GRID, "--out", tmp_path / "run")
     assert killed.exit_code == 130 and len(written) == 2
     before_kill = list(computed)
@@ -131,7 +131,7 @@ def test_resume_after_kill_computes_each_cell_once(tiny_mamba_dir, tmp_path, mon
     with open(run_dir / "cells.jsonl", "a") as f:
         f.write('{"key": "320@50", "length": 3')  # a torn line from a kill mid-write
 
-    monkeypatch.setattr(needle_grid, "append_cell", real_append)
+    monkeypatch.setattr(needle_job, "append_cell", real_append)
     mismatch = invoke(tiny_mamba_dir, "--lengths", "200,400", *GRID[2:], "--resume", run_dir, "--out", tmp_path)
     assert_clean_error(mismatch, "different lengths")
     resumed = run_ok(tiny_mamba_dir, *GRID, "--resume", run_dir, "--out", tmp_path)

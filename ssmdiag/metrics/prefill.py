@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -96,16 +96,38 @@ class ModelRunner:
         return cache
 
 
+class CarryCheck(NamedTuple):
+    """Segmented vs one-shot logits on one model: the verdict, the error and the noise it is judged against."""
+
+    ok: bool
+    rel_error: float  # max |segmented - one-shot| / max |one-shot|
+    noise_floor: float  # the same measure between two one-shot runs that differ only in rounding
+    tolerance: float  # max(base tolerance of the dtype, NOISE_FACTOR x noise_floor)
+
+
+NOISE_FACTOR = 20.0
+
+
 def check_state_carry(model: nn.Module, family: str, vocab: int, dtype: torch.dtype, n: int = 24,
-                      seg: int = 7) -> tuple[bool, float]:
-    """Segmented (segments of `seg` tokens) vs one-shot logits on `n` seeded tokens: (ok, relative error)."""
+                      seg: int = 7) -> CarryCheck:
+    """Segmented (segments of `seg` tokens) vs one-shot logits on `n` seeded tokens.
+
+    A broken carry (a scan that restarts, a lost conv tail) moves logits by O(0.1-1); floating-point rounding
+    moves them by far less, but random-init deep models amplify it (a 24-layer preset at 1e-4). The noise floor
+    is measured on the model itself: logits of the first `seg` tokens run alone vs inside the whole sequence
+    differ only by the rounding of differently shaped matrix products, exactly what segments change.
+    """
     ids = torch.randint(3, max(vocab, 4), (n,), generator=torch.Generator().manual_seed(0)).tolist()
     one = ModelRunner(model, family, None)
     many = ModelRunner(model, family, seg)
     a = one.feed(one.new_cache(), ids, all_logits=True)
     b = many.feed(many.new_cache(), ids, all_logits=True)
-    err = float((a - b).abs().max() / a.abs().max().clamp_min(1e-6))
-    return err <= (1e-4 if dtype == torch.float32 else 3e-2), err
+    head = one.feed(one.new_cache(), ids[:seg], all_logits=True)
+    scale = a.abs().max().clamp_min(1e-6)
+    err = float((a - b).abs().max() / scale)
+    noise = float((a[:seg] - head).abs().max() / scale)
+    tol = max(1e-4 if dtype == torch.float32 else 3e-2, NOISE_FACTOR * noise)
+    return CarryCheck(err <= tol, err, noise, tol)
 
 
 # --- prefix reuse ---------------------------------------------------------------------------------------
