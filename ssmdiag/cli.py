@@ -1,7 +1,8 @@
 """The `ssmdiag` command line: registers one command per module, and is the ONLY place errors become exit codes.
 
 User-fixable problems (SsmdiagError) print `Error: …` and `Hint: …` on stderr and exit 1; usage errors exit 2
-(Typer's own); anything else is a bug and keeps its traceback. `SSMDIAG_DEBUG=1` shows tracebacks always.
+with Typer's own message (an unknown flag, a value outside its Enum, a count below its `min=`: ssmdiag.options);
+anything else is a bug and keeps its traceback. `SSMDIAG_DEBUG=1` shows tracebacks always.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("smooth", "smooth", "Layerwise sharpness, memory-state smoothing and the Ā spectrum (over-smoothing)."),
     ("influence", "influence", "Influence-score decay with distance: per-distance curves, exponential fit, plots."),
     ("needle", "needle", "Needle in a haystack: counterfactual needles over lengths × depths, resumable grids."),
-    ("polarize", "polarize", "Polarize state channels (Ā ≡ 1 / Ā ≡ 0): patch a checkpoint, fine-tune it, or train the MQAR grid."),
+    ("polarize", "polarize",
+     "Polarize state channels (Ā ≡ 1 / Ā ≡ 0): patch a checkpoint, fine-tune it, or train the MQAR grid."),
 ]
 
 app = typer.Typer(
@@ -65,12 +67,14 @@ def handle_errors(func: Callable) -> Callable:
 
 
 def _register() -> None:
+    """Add every command in COMMANDS, each wrapped by handle_errors."""
     for name, module, help_text in COMMANDS:
         mod = importlib.import_module(f"ssmdiag.commands.{module}")
         app.command(name, help=help_text)(handle_errors(mod.main))
 
 
 def _version(value: bool) -> None:
+    """--version: print the version and stop."""
     if value:
         print(f"ssmdiag {__version__}")
         raise typer.Exit()

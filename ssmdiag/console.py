@@ -35,9 +35,23 @@ def warn(message: str) -> None:
     print(f"ssmdiag: {message}", file=sys.stderr)
 
 
+def note(run: Any, message: str) -> None:
+    """A fallback or caveat of a run: one line on stderr and a note in its result.json.
+
+    Args:
+        run: the results.Run being written. message: one sentence.
+    """
+    run.note(message)
+    warn(message)
+
+
 @contextmanager
 def progress(description: str, total: int | None) -> Iterator[Any]:
-    """A rich progress bar on stderr; yields an `advance(n=1)` callable. Disabled by --quiet."""
+    """A rich progress bar on stderr; yields an `advance(n=1)` callable. Disabled by --quiet.
+
+    Args:
+        description: the bar's label. total: steps (None: no bar).
+    """
     if _quiet or total is None:
         yield lambda n=1: None
         return
@@ -59,7 +73,11 @@ def status(message: str) -> Iterator[None]:
 
 
 def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
-    """A rich table with string cells."""
+    """A rich table with string cells (None shows as "—").
+
+    Args:
+        title: above the table. columns: header names. rows: one iterable of cells per row.
+    """
     t = Table(title=title, title_justify="left")
     for col in columns:
         t.add_column(col, overflow="fold")
@@ -69,7 +87,11 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> 
 
 
 def emit(doc: Any, tables: Iterable[Table] = (), as_json: bool = False) -> None:
-    """Print the result: JSON (`--json`) or the tables."""
+    """Print the result on stdout: JSON (`--json`) or the tables.
+
+    Args:
+        doc: the result document (what result.json holds). tables: rich tables. as_json: print doc instead.
+    """
     if as_json:
         sys.stdout.write(json.dumps(to_jsonable(doc), indent=2) + "\n")
         return
@@ -78,7 +100,11 @@ def emit(doc: Any, tables: Iterable[Table] = (), as_json: bool = False) -> None:
 
 
 def fmt(value: Any, digits: int = 4) -> str:
-    """Compact number formatting for tables."""
+    """Compact number formatting for tables.
+
+    Args:
+        value: a number (None -> "—"; NaN -> "nan"; others as str). digits: significant digits.
+    """
     if value is None:
         return "—"
     if isinstance(value, float):

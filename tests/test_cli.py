@@ -76,8 +76,8 @@ def test_info_errors(tmp_path):
     assert_clean_error(invoke("info", tmp_path, "--out", tmp_path), "no config.json")
     assert_clean_error(invoke("info", "mamba-130m", "--out", tmp_path), "cannot download")
     assert_clean_error(invoke("info", "nonsense-1b", "--init", "random", "--out", tmp_path), "unknown preset")
-    assert_clean_error(invoke("info", "mamba-130m", "--init", "random", "--dtype", "int3", "--out", tmp_path),
-                       "unknown dtype")
+    result = invoke("info", "mamba-130m", "--init", "random", "--dtype", "int3", "--out", tmp_path)
+    assert result.exit_code == 2 and "Invalid value for '--dtype'" in result.output, result.output  # an Enum
 
 
 def test_hint_line_follows_error(tmp_path):
@@ -97,3 +97,15 @@ def test_debug_env_shows_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("SSMDIAG_DEBUG", "1")
     result = invoke("info", tmp_path / "nope", "--out", tmp_path)
     assert result.exit_code != 0 and isinstance(result.exception, SsmdiagError)
+
+
+def test_enums_list_the_library_choices():
+    """The CLI's Enums and the names the library understands cannot drift apart."""
+    from ssmdiag.kernels.backend import BACKENDS
+    from ssmdiag.loading import DTYPES
+    from ssmdiag.metrics.sharpness import METRICS
+    from ssmdiag.options import Backend, Dtype, Metric
+
+    assert [m.value for m in Backend] == [*BACKENDS, "hf"]
+    assert {m.value for m in Dtype} - {"auto"} <= set(DTYPES)
+    assert [m.key for m in Metric] == list(METRICS)

@@ -89,12 +89,17 @@ def nan_mamba_dir(tmp_path_factory, tiny_tokenizer_dir):
     (["--targets", "30"], "outside the sequence"),
     (["--targets", "first"], "not last, middle"),
     (["--fit-range", "3:4"], "at least 3"),
-    (["--estimator", "exact"], "unknown --estimator"),
-    (["--probes", "0"], "at least 1"),
-    (["--samples", "0"], "at least 1"),
 ])
 def test_bad_arguments_fail_before_loading(tiny_mamba_dir, tmp_path, extra, message):
     assert message in _error(_invoke([str(tiny_mamba_dir), "--seq-len", "24", *extra], tmp_path))
+
+
+@pytest.mark.parametrize("extra", [["--estimator", "exact"], ["--probes", "0"], ["--samples", "0"]])
+def test_unknown_choice_or_count_below_one_is_a_usage_error(tiny_mamba_dir, tmp_path, extra):
+    """Choices are Enums and counts carry min=1 (ssmdiag.options): Typer refuses them before the command runs."""
+    result = _invoke([str(tiny_mamba_dir), "--seq-len", "24", *extra], tmp_path)
+    assert result.exit_code == 2 and f"Invalid value for '{extra[0]}'" in result.output, result.output
+    assert not (tmp_path / "influence").exists()
 
 
 def test_seq_len_beyond_positions(tiny_gpt_neox_dir, tmp_path):

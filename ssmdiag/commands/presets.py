@@ -13,5 +13,5 @@ def main(as_json: JsonOpt = False) -> None:
     rows = [(p.name, p.model_type, p.config["hidden_size"], p.config["num_hidden_layers"], p.hub_id)
             for p in presets.values()]
     doc = [{"name": r[0], "family": r[1], "hidden_size": r[2], "layers": r[3], "hub_id": r[4]} for r in rows]
-    console.emit(doc, [console.table("Presets (--init random)", ["name", "family", "hidden", "layers", "hub id"], rows)],
-                 as_json=as_json)
+    table = console.table("Presets (--init random)", ["name", "family", "hidden", "layers", "hub id"], rows)
+    console.emit(doc, [table], as_json=as_json)

@@ -17,6 +17,8 @@ import sys
 
 import torch
 
+from ..errors import SsmdiagError
+
 BACKENDS = ("auto", "torch", "cuda", "ref")
 
 # Tests (or a user) may force a backend for every call: one of BACKENDS minus "auto", or None.
@@ -26,20 +28,9 @@ FORCE_ENGINE: str | None = os.environ.get("SSMDIAG_SCAN_ENGINE") or None
 
 _logged: set[str] = set()
 
-try:  # the shared user-error type when the package is present; kernels also work standalone
-    from ssmdiag.errors import SsmdiagError as _UserError
-except ImportError:  # pragma: no cover
-    _UserError = ValueError
 
-
-class BackendUnavailable(_UserError):
-    """An explicitly requested backend cannot run here."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        if _UserError is ValueError:  # pragma: no cover
-            super().__init__(message)
-        else:
-            super().__init__(message, hint)
+class BackendUnavailable(SsmdiagError):
+    """An explicitly requested backend cannot run here (a user error: `Error:` line, exit 1)."""
 
 
 def log_once(message: str) -> None:
@@ -133,7 +124,11 @@ def torch_engine(device) -> str:
 
 
 def describe(backend: str, device, op: str = "selective") -> str:
-    """A short label of what actually runs, e.g. 'torch (numba CPU kernel)', for result.json."""
+    """A short label of what actually runs, e.g. 'torch (numba CPU kernel)', for result.json.
+
+    Args:
+        backend: as resolve_backend returned it. device: of the tensors. op: "selective" | "ssd".
+    """
     if backend != "torch":
         return backend
     if op == "ssd":

@@ -10,7 +10,7 @@ depend on time, so the product of Ā is exp(A · Σ_{k=s+1..t} Δ_k): only Δ ne
 sum of non-negative terms (no cancellation); the exponent A·ΣΔ ≤ 0, so channels whose Ā underflows give exact
 zeros rather than NaN, and one target row costs O(L·D·N) instead of the O(L³) triple loop.
 
-Dimension letters: b batch, l sequence, d channels (d_inner), n state size, h heads, g groups.
+Dimension letters (docs/architecture.md): b batch, l sequence, d channels (d_inner), n state size, h heads, g groups.
 Mamba-1: delta (b, l, d), A (d, n), B/C (b, l, n).  Mamba-2: delta (b, l, h), A (h,), B/C (b, l, g, n).
 """
 
@@ -104,7 +104,11 @@ def hidden_attention_map(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
 
 
 def hidden_attention_ref(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """The plain O(L³) triple loop (ground truth for tests): (b, l, l, channels) float64, [target, source]."""
+    """The plain O(L³) triple loop (ground truth for tests): (b, l, l, channels) float64, [target, source].
+
+    Args:
+        delta, A, B, C: as in hidden_attention_row.
+    """
     b, L = delta.shape[:2]
     mamba2 = _is_mamba2(A)
     A = A.double().clamp(min=A_FLOOR)

@@ -12,7 +12,8 @@ with one backward pass per readout v (vᵀJ_ts for every s at once), norm over t
 - jacobian: the Frobenius norm ‖J_ts‖_F estimated with `probes` fresh Rademacher readouts per target
   (Hutchinson: E‖vᵀJ‖² = ‖J‖²_F), one backward pass per probe and target.
 
-Dimension letters: b batch, l sequence, e embedding width, o output width (hidden size or vocabulary), T targets.
+Dimension letters (docs/architecture.md): b batch, l sequence, e embedding width, o output width (hidden size
+or vocabulary), T targets.
 """
 
 from __future__ import annotations
@@ -27,11 +28,6 @@ import torch
 from ..errors import SsmdiagError
 from .influence_fit import (DecayFit, InfluenceCurve, aggregate_curve, bootstrap_curves, fit_decay, near_share,
                             rows_by_distance)
-
-ESTIMATORS = ("grad", "jacobian")
-OUTPUTS = ("hidden", "logits")
-GRAD_DTYPES = ("float32", "model")
-
 
 @dataclass
 class InfluenceSummary:
@@ -57,7 +53,13 @@ class LayerDecay:
 
 @dataclass
 class InfluenceConfig:
-    """What one `influence` run measures (validated by the command before any model loads)."""
+    """What one `influence` run measures (the CLI's Enums and parsers validate it before any model loads).
+
+    Args:
+        targets: T target positions, sorted. fit_range: inclusive distances LO, HI of the decay fit.
+        estimator: "grad" | "jacobian". output: "hidden" | "logits". statistic: "mean" | "median".
+        grad_dtype: "float32" (upcast a half model) | "model".
+    """
 
     seq_len: int
     samples: int
@@ -91,21 +93,12 @@ class ModelInfluence:
     per_layer_seconds: float | None = None
 
 
-def check_choices(estimator: str, output: str, probes: int, grad_dtype: str, statistic: str, samples: int = 1) -> None:
-    """Validate the influence flags (one clear error per bad value)."""
-    for flag, value, choices in (("--estimator", estimator, ESTIMATORS), ("--output", output, OUTPUTS),
-                                 ("--grad-dtype", grad_dtype, GRAD_DTYPES), ("--aggregate", statistic,
-                                                                            ("mean", "median"))):
-        if value not in choices:
-            raise SsmdiagError(f"unknown {flag} '{value}'", hint=f"use one of: {', '.join(choices)}")
-    if probes < 1:
-        raise SsmdiagError(f"--probes {probes} must be at least 1")
-    if samples < 1:
-        raise SsmdiagError(f"--samples {samples} must be at least 1")
-
-
 def make_forward(adapter, output: str = "hidden") -> Callable[[torch.Tensor], torch.Tensor]:
-    """embeds (b, l, e) -> y (b, l, o): the final hidden state after the final norm, or the logits."""
+    """embeds (b, l, e) -> y (b, l, o): the final hidden state after the final norm, or the logits.
+
+    Args:
+        adapter: the model's Adapter. output: "hidden" | "logits" (needs a language-model head).
+    """
     base = adapter.base()
     head = adapter.lm_head() if output == "logits" else None
     if output == "logits" and head is None:
@@ -124,6 +117,9 @@ def prepare_for_gradients(model: torch.nn.Module, grad_dtype: str = "float32") -
 
     Far-away gradients underflow in bf16/fp16, so the backward passes run in fp32 by default.
     Returns a note saying what was done (None when nothing changed).
+
+    Args:
+        model: the model, changed in place. grad_dtype: "float32" (upcast) | "model" (keep its dtype).
     """
     model.requires_grad_(False)
     dtype = next(model.parameters()).dtype
@@ -167,7 +163,11 @@ def influence_rows(forward: Callable[[torch.Tensor], torch.Tensor], embeds: torc
 
 
 def _rademacher(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    """Entries ±1 with equal probability (E[vvᵀ] = I)."""
+    """Entries ±1 with equal probability (E[vvᵀ] = I).
+
+    Args:
+        shape: of the readouts, e.g. (b, o). generator: CPU generator, or None for the global one.
+    """
     return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
 
 
@@ -205,16 +205,25 @@ def compute_influence(adapter, ids: torch.Tensor, targets: list[int], estimator:
 
 def summarize_logvals(logvals: np.ndarray, fit_range: tuple[int, int], statistic: str = "mean",
                       seed: int = 0) -> tuple[InfluenceCurve, DecayFit]:
-    """Curve with bootstrap band, and the decay fit (with a bootstrap CI on the rate) of log10 rows by distance."""
+    """Curve with bootstrap band, and the decay fit (with a bootstrap CI on the rate) of log10 rows by distance.
+
+    Args:
+        logvals: (rows, distances) log10 influence by distance (rows_by_distance).
+        fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
+    """
     boots = bootstrap_curves(logvals, statistic, seed)
     curve = aggregate_curve(logvals, statistic, seed, boots=boots)
-    values = curve.median_log10 if statistic == "median" else curve.mean_log10
-    return curve, fit_decay(values, fit_range, boots=boots)
+    return curve, fit_decay(curve.values(), fit_range, boots=boots)
 
 
 def summarize_influence(rows: np.ndarray, targets: list[int], fit_range: tuple[int, int], statistic: str = "mean",
                         seed: int = 0) -> tuple[InfluenceSummary, np.ndarray]:
-    """Aggregate influence rows (samples, T, l); also returns the log10 rows by distance (for ratios)."""
+    """Aggregate influence rows; also returns the log10 rows by distance (for ratios).
+
+    Args:
+        rows: (samples, T, l) influence of each source on each target. targets: the T positions.
+        fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
+    """
     logvals, zeros = rows_by_distance(rows, targets)
     curve, fit = summarize_logvals(logvals, fit_range, statistic, seed)
     return InfluenceSummary(curve=curve, fit=fit, near10_share=near_share(rows, targets), zero_entries=zeros), logvals
@@ -222,7 +231,12 @@ def summarize_influence(rows: np.ndarray, targets: list[int], fit_range: tuple[i
 
 def summarize_ratio(logvals_a: np.ndarray, logvals_b: np.ndarray, fit_range: tuple[int, int],
                     statistic: str = "mean", seed: int = 0) -> InfluenceSummary:
-    """log10(I_a / I_b) per distance, paired row by row (same inputs), with its exponential fit (paper Fig. 7b)."""
+    """log10(I_a / I_b) per distance, paired row by row (same inputs), with its exponential fit (paper Fig. 7b).
+
+    Args:
+        logvals_a, logvals_b: (rows, distances) log10 influence of two models on the same inputs.
+        fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
+    """
     curve, fit = summarize_logvals(logvals_a - logvals_b, fit_range, statistic, seed)
     return InfluenceSummary(curve=curve, fit=fit)
 
@@ -231,6 +245,9 @@ def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: 
     """Closed-form hidden-attention influence of each SSM layer: (layers, samples, T, l), norm over channels.
 
     Uses the recorded Δ, A, B, C of every layer (ssmdiag.kernels.mixer.record); no autograd.
+
+    Args:
+        model: an SSM. adapter: its Adapter. ids: (samples, l) token ids. targets: the T target positions.
     """
     from ..kernels.mixer import record
     from .hidden_attention import hidden_attention_row
@@ -252,14 +269,18 @@ def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: 
 
 def summarize_layers(layer_rows: np.ndarray, targets: list[int], fit_range: tuple[int, int],
                      statistic: str = "mean", seed: int = 0) -> list[LayerDecay]:
-    """Decay fit of each layer's closed-form influence curve."""
+    """Decay fit of each layer's closed-form influence curve.
+
+    Args:
+        layer_rows: (layers, samples, T, l) from per_layer_rows. targets: the T target positions.
+        fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
+    """
     result = []
     for layer, rows in enumerate(layer_rows):
         summary, _ = summarize_influence(rows, targets, fit_range, statistic, seed)
-        values = summary.curve.median_log10 if statistic == "median" else summary.curve.mean_log10
         result.append(LayerDecay(layer=layer, decay_rate=summary.fit.decay_rate,
                                  decay_rate_ci95=summary.fit.decay_rate_ci95, half_life=summary.fit.half_life,
-                                 r2=summary.fit.r2, curve_log10=values))
+                                 r2=summary.fit.r2, curve_log10=summary.curve.values()))
     return result
 
 
@@ -269,6 +290,10 @@ def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
 
     Upcasts a half-precision model in place (cfg.grad_dtype="float32"). Returns the result, the log10 rows by
     distance (for ratios between models) and the upcast note (None when nothing changed).
+
+    Args:
+        loaded: a loading.LoadedModel (model, adapter, name, spec, family, dtype, backend).
+        ids: (samples, l) token ids. cfg: what to measure. on_sample: called after each sample (progress).
     """
     model_dtype = str(loaded.dtype).replace("torch.", "")
     note = prepare_for_gradients(loaded.model, cfg.grad_dtype)
@@ -291,21 +316,3 @@ def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
         seconds=seconds, seconds_per_sample=seconds / ids.shape[0], per_layer=layers, per_layer_seconds=layer_seconds)
     return result, logvals, note
 
-
-def influence_inputs(loaded: list[Any], text: Any, seq_len: int, samples: int, seed: int) -> tuple[list[torch.Tensor], str]:
-    """Token ids for each model, (samples, l) each, and a sentence saying where they came from.
-
-    Random ids are drawn below the smallest vocabulary, so every model reads the same ids. Text is tokenised by
-    each model's own tokenizer; the models share inputs exactly when their tokenizers produce the same ids.
-    """
-    from ..data.inputs import random_token_batch, shared_vocab, text_token_batch
-    from ..loading import require_tokenizer
-
-    if text is None:
-        vocab = shared_vocab([m.adapter.embedding().num_embeddings for m in loaded])
-        ids = random_token_batch(vocab, seq_len, samples, seed)
-        return [ids] * len(loaded), f"random token ids in [0, {vocab}) shared by all models (seed {seed})"
-    batches = [text_token_batch(text, require_tokenizer(m), seq_len, samples) for m in loaded]
-    shared = all(torch.equal(b, batches[0]) for b in batches)
-    how = "the same ids for all models" if shared else "each model's own tokenizer (ids differ between models)"
-    return batches, f"{samples} consecutive windows of {seq_len} tokens from {text}, {how}"

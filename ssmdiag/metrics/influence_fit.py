@@ -33,6 +33,10 @@ class InfluenceCurve:
     statistic: str  # "mean" | "median": the curve the band and the fit use
     band: str  # how the band was computed
 
+    def values(self) -> list[float]:
+        """The curve the band and the fit use: median_log10 or mean_log10, per `statistic`."""
+        return self.median_log10 if self.statistic == "median" else self.mean_log10
+
 
 @dataclass
 class DecayFit:
@@ -70,6 +74,7 @@ def rows_by_distance(rows: np.ndarray, targets: list[int]) -> tuple[np.ndarray, 
 
 
 def _stat(values: np.ndarray, statistic: str, axis: int) -> np.ndarray:
+    """nanmean or nanmedian along `axis`, without warnings for all-NaN slices."""
     with np.errstate(all="ignore"), _quiet_nan():
         return np.nanmedian(values, axis=axis) if statistic == "median" else np.nanmean(values, axis=axis)
 
@@ -89,7 +94,12 @@ class _quiet_nan:
 
 
 def bootstrap_curves(logvals: np.ndarray, statistic: str, seed: int, n_boot: int = N_BOOT) -> np.ndarray | None:
-    """Resample rows with replacement: (n_boot, distances) curves, or None with fewer than 2 rows."""
+    """Resample rows with replacement: (n_boot, distances) curves, or None with fewer than 2 rows.
+
+    Args:
+        logvals: (rows, distances) log10 influence by distance, NaN where a row does not reach.
+        statistic: "mean" | "median" of each resample. seed: for the resampling. n_boot: resamples.
+    """
     n = logvals.shape[0]
     if n < 2:
         return None
@@ -101,7 +111,13 @@ def bootstrap_curves(logvals: np.ndarray, statistic: str, seed: int, n_boot: int
 
 def aggregate_curve(logvals: np.ndarray, statistic: str = "mean", seed: int = 0,
                     boots: np.ndarray | None = None) -> InfluenceCurve:
-    """Mean and median of log10 influence per distance, with a 95% percentile-bootstrap band over rows."""
+    """Mean and median of log10 influence per distance, with a 95% percentile-bootstrap band over rows.
+
+    Args:
+        logvals: (rows, distances) log10 influence by distance.
+        statistic: "mean" | "median": the curve the band bootstraps. seed: for the bootstrap.
+        boots: precomputed bootstrap curves (bootstrap_curves), or None to draw them here.
+    """
     mean = _stat(logvals, "mean", 0)
     median = _stat(logvals, "median", 0)
     if boots is None:
@@ -120,8 +136,17 @@ def aggregate_curve(logvals: np.ndarray, statistic: str = "mean", seed: int = 0,
              f"({N_BOOT} resamples)" if boots is not None else "none (a single sample×target row)")
 
 
+def auto_fit_range(max_distance: int) -> tuple[int, int]:
+    """The default fit window (inclusive distances): skip the conv-local first few and the last ~5% (few pairs)."""
+    return min(4, max_distance // 4), max_distance - max(1, math.ceil(0.05 * max_distance))
+
+
 def _line_fits(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Least-squares lines through each row of ys (NaNs dropped per row): slopes, intercepts, R²."""
+    """Least-squares lines through each row of ys (NaNs dropped per row): slopes, intercepts, R².
+
+    Args:
+        x: (d,) abscissae. ys: (d,) or (rows, d) ordinates.
+    """
     slopes, inters, r2s = [], [], []
     for y in np.atleast_2d(ys):
         ok = np.isfinite(y)
@@ -139,7 +164,13 @@ def _line_fits(x: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
 def fit_decay(curve_log10: list[float] | np.ndarray, fit_range: tuple[int, int],
               boots: np.ndarray | None = None) -> DecayFit:
-    """Fit log10 influence against distance over `fit_range` (inclusive); rates in natural-log units per token."""
+    """Fit log10 influence against distance over `fit_range` (inclusive); rates in natural-log units per token.
+
+    Args:
+        curve_log10: log10 influence per distance (index = distance).
+        fit_range: inclusive distances (lo, hi).
+        boots: (n_boot, distances) bootstrap curves for a CI on the rate, or None.
+    """
     y = np.asarray(curve_log10, dtype=float)
     lo, hi = fit_range
     x = np.arange(lo, hi + 1, dtype=float)
@@ -161,7 +192,11 @@ def fit_decay(curve_log10: list[float] | np.ndarray, fit_range: tuple[int, int],
 
 
 def near_share(rows: np.ndarray, targets: list[int], fraction: float = 0.1) -> float:
-    """Mean share of a row's total influence (linear scale) on the nearest ⌈fraction·(t+1)⌉ sources."""
+    """Mean share of a row's total influence (linear scale) on the nearest ⌈fraction·(t+1)⌉ sources.
+
+    Args:
+        rows: (samples, T, l) influence rows. targets: the T target positions. fraction: of the sources.
+    """
     shares = []
     for j, t in enumerate(targets):
         seg = rows[:, j, : t + 1]  # (samples, t+1)

@@ -1,6 +1,7 @@
 """Sharpness of a sequence of vectors: how distinguishable its tokens are (the paper's §4, Theorem 4.2).
 
-Dimension letters: l tokens (T), f features of one part, k parts (e.g. Mamba-2 heads; one part otherwise).
+Dimension letters as in docs/architecture.md: l tokens, P parts of a vector (Mamba-2: heads; one part otherwise),
+F features of one part.
 
 For X = (x_1 … x_T) the quantities are, over the T(T-1)/2 unordered pairs i < j:
     mean pairwise distance   mean ‖x_i − x_j‖₂                     (the default)
@@ -55,6 +56,7 @@ class Sharpness:
 
 
 def total_pairs(seq_len: int) -> int:
+    """Unordered pairs i < j among `seq_len` tokens: T(T−1)/2."""
     return seq_len * (seq_len - 1) // 2
 
 
@@ -77,7 +79,7 @@ def compute_sharpness(x: torch.Tensor, pairs: int | None = None, seed: int = 0) 
     norms = torch.linalg.vector_norm(x.flatten(1), dim=1).to(torch.float64)  # (l,)
     mean_norm = float(norms.mean())
     cosine = _mean_cosine(x.flatten(1), norms)
-    # (l, k, f): translation does not change distances; a float64 mean keeps constant sequences exactly 0
+    # (l, P, F): translation does not change distances; a float64 mean keeps constant sequences exactly 0
     xc = x - x.mean(dim=0, keepdim=True, dtype=torch.float64).to(x.dtype)
     n_all = total_pairs(seq_len)
     if pairs is None or pairs >= n_all:
@@ -109,7 +111,7 @@ def _exact_distances(xc: torch.Tensor) -> tuple[float, float, list[float], list[
     Row sums are added up in float64.
     """
     seq_len, n_parts, _ = xc.shape
-    sq = torch.linalg.vector_norm(xc, dim=2).pow(2)  # (l, k)
+    sq = torch.linalg.vector_norm(xc, dim=2).pow(2)  # (l, P)
     # narrow vectors: one block (few, large element-wise ops); wide ones (states): 8 blocks halve the product
     blocks = 1 if n_parts * xc.shape[2] <= 4096 else 8
     rows = min(seq_len, max(128, -(-seq_len // blocks)), max(1, CHUNK_BYTES // (xc.element_size() * 3 * seq_len)))
@@ -151,8 +153,8 @@ def _sampled_distances(xc: torch.Tensor, pairs: int, seed: int) -> tuple[float, 
     part_max = torch.zeros(n_parts, dtype=torch.float64, device=xc.device)
     whole_sum, whole_max = 0.0, 0.0
     for s in range(0, pairs, step):
-        diff = xc[i[s:s + step]] - xc[j[s:s + step]]  # (m, k, f)
-        d2 = diff.pow(2).sum(dim=2, dtype=torch.float64)  # (m, k)
+        diff = xc[i[s:s + step]] - xc[j[s:s + step]]  # (pairs, P, F)
+        d2 = diff.pow(2).sum(dim=2, dtype=torch.float64)  # (pairs, P)
         dp = d2.sqrt()
         part_sum += dp.sum(dim=0)
         part_max = torch.maximum(part_max, dp.max(dim=0).values)
@@ -196,6 +198,9 @@ def depth_slope(values: list[float], log: bool = True) -> float:
     """Least-squares slope of values (ln values when `log`) against layer index: the change per layer.
 
     With log=True the slope is the relative change per layer (−0.05 ≈ 5 % sharper loss per layer).
+
+    Args:
+        values: one per layer (None or, with `log`, non-positive values are skipped). log: fit ln values.
     """
     pts = [(i, math.log(v) if log else v) for i, v in enumerate(values) if v is not None and (v > 0 or not log)]
     if len(pts) < 2:

@@ -25,8 +25,9 @@ import torch
 from .sharpness import METRICS, Sharpness, average_sharpness, compute_sharpness, depth_slope
 from .spectrum import SpectrumResult, summarize_spectrum
 
-POSITIONS = ("block_input", "mixer_input", "states", "mixer_output", "block_output")
 STATE_BUDGET = 4 << 30  # bytes of one layer's states for one sequence (mamba-1.4b at 2048 tokens: 0.5 GiB)
+EXACT_MAX_TOKENS = 4096  # beyond this many tokens, sample pairs unless told otherwise
+DEFAULT_PAIRS = 1_000_000
 
 
 @dataclass
@@ -52,7 +53,8 @@ class SmoothingResult:
         ratio_mean: mean over layers of the state / mixer-input ratio; ratio_le1_layers: share of layers with
             ratio ≤ 1; ratio_le1_samples: the same over every (layer, sample).
         block_output_slope: least-squares slope of ln(block-output sharpness) per layer (relative change).
-        states_note: why states were not measured, when they were not.
+        states_note: why states were not measured, when they were not (kept in the schema; the kernels that
+            record them now always ship with ssmdiag, so it is None).
         state_tokens: tokens per sequence whose states were compared (fewer than seq_len when the states of
             every token would exceed the memory budget: then a seeded random subset of positions).
     """
@@ -132,13 +134,19 @@ def _state_parts(states: torch.Tensor, family: str) -> torch.Tensor:
     return states.flatten(1).unsqueeze(1)  # (l, 1, d·n)
 
 
-def states_available() -> str | None:
-    """None when the kernels' record API can be used, else why not."""
-    try:
-        from ..kernels import mixer  # noqa: F401
-    except ImportError:
-        return "ssmdiag.kernels.mixer is not available: memory states and the Ā spectrum were not measured"
-    return None
+def choose_pairs(seq_len: int, pairs: int | None) -> tuple[int | None, str | None]:
+    """Token pairs to measure per sequence, and a note when sampling was chosen rather than asked for.
+
+    Args:
+        seq_len: tokens per sequence.
+        pairs: the requested number (None: every pair up to EXACT_MAX_TOKENS tokens, else DEFAULT_PAIRS sampled).
+    Returns:
+        (pairs or None for every pair, the note or None).
+    """
+    if pairs is not None or seq_len <= EXACT_MAX_TOKENS:
+        return pairs, None
+    return DEFAULT_PAIRS, (f"{seq_len} tokens: sampling {DEFAULT_PAIRS:,} token pairs per sequence "
+                           "(set --pairs to change)")
 
 
 def state_positions(seq_len: int, token_floats: int, budget_bytes: int, seed: int) -> torch.Tensor | None:
@@ -146,6 +154,10 @@ def state_positions(seq_len: int, token_floats: int, budget_bytes: int, seed: in
 
     The mean pairwise distance over a uniform subset of tokens is an unbiased estimate of the full one;
     the max is then a lower bound.
+
+    Args:
+        seq_len: tokens per sequence. token_floats: state floats of one token in one layer (d_inner · d_state).
+        budget_bytes: what one layer's float32 states of one sequence may take. seed: for the subset.
     """
     keep = budget_bytes // (4 * token_floats)
     if keep >= seq_len:
@@ -176,9 +188,8 @@ def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = 
         state_budget: bytes one layer's states of one sequence may take; beyond, a subset of positions.
         advance: progress callback, called once per block and sample.
     """
-    note = states_available() if adapter.is_ssm and (states or spectrum) else None
-    want_states = adapter.is_ssm and states and note is None
-    want_spectrum = adapter.is_ssm and spectrum and note is None
+    want_states = adapter.is_ssm and states
+    want_spectrum = adapter.is_ssm and spectrum
     device = next(model.parameters()).device
     seq_len = input_ids.shape[1]
     token_floats = (adapter.d_inner or 0) * (adapter.d_state or 0)
@@ -205,7 +216,7 @@ def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = 
     if want_spectrum:
         ids = sorted(abar_lo)
         spec = summarize_spectrum([abar_lo[i] for i in ids], [abar_hi[i] for i in ids], ids)
-    res = _summarize(layers, adapter.family, adapter.is_ssm, metric, input_ids.shape, spec, note)
+    res = _summarize(layers, adapter.family, adapter.is_ssm, metric, input_ids.shape, spec)
     if want_states:
         res.state_tokens = seq_len if positions is None else len(positions)
     return res
@@ -233,7 +244,7 @@ def _ratio(num: float, den: float) -> float:
     return 1.0 if num == 0 else float("inf")
 
 
-def _summarize(layers: list[LayerSmoothing], family: str, is_ssm: bool, metric: str, shape, spec, note):
+def _summarize(layers: list[LayerSmoothing], family: str, is_ssm: bool, metric: str, shape, spec):
     """Model-level numbers: first/last block-output sharpness, slopes over depth, ratio statistics."""
     block_out = [la.block_output.get(metric) for la in layers]
     mixer_out = [la.mixer_output.get(metric) for la in layers]
@@ -242,7 +253,7 @@ def _summarize(layers: list[LayerSmoothing], family: str, is_ssm: bool, metric: 
         family=family, is_ssm=is_ssm, metric=metric, seq_len=int(shape[1]), samples=int(shape[0]),
         pairs=first.pairs, exact=first.exact, layers=layers, block_output_first=block_out[0],
         block_output_last=block_out[-1], block_output_slope=depth_slope(block_out),
-        mixer_output_slope=depth_slope(mixer_out), spectrum=spec, states_note=note)
+        mixer_output_slope=depth_slope(mixer_out), spectrum=spec)
     ratios = [la.ratio[metric] for la in layers if la.ratio is not None]
     if ratios:
         per_sample = [r for la in layers for r in la.ratio_samples]

@@ -1,6 +1,6 @@
 """The Ā spectrum: how far each SSM channel's decay Ā_t = exp(Δ_t·A) ranges over time (the paper's Fig. 6).
 
-Dimension letters: b batch, l time, d channels (d_inner), n state size, h heads (Mamba-2).
+Dimension letters (docs/architecture.md): b batch, l time, d channels (d_inner), n state size, h heads (Mamba-2).
 
 A channel is one (d, n) entry of a Mamba-1 layer (A is (d, n)) or one head of a Mamba-2 layer (A is (h,)).
 Per channel we keep min_t Ā_t and max_t Ā_t over every token of every sample. Theorem 4.2's smoothing is
@@ -83,7 +83,11 @@ def memory_horizon(abar: torch.Tensor) -> torch.Tensor:
 
 
 def summarize_layer(layer: int, abar_min: torch.Tensor, abar_max: torch.Tensor) -> LayerSpectrum:
-    """Shares and medians of one layer's per-channel extremes (any shape; every element is a channel)."""
+    """Shares and medians of one layer's per-channel extremes (any shape; every element is a channel).
+
+    Args:
+        layer: its index. abar_min, abar_max: per-channel min / max of Ā over time, the same shape.
+    """
     lo, hi = abar_min.flatten().double().cpu(), abar_max.flatten().double().cpu()
     near_one, near_zero = hi > NEAR_ONE, lo < NEAR_ZERO
     return LayerSpectrum(
