@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -99,3 +100,36 @@ def waiting() -> Iterator[None]:
 def waited_s() -> float:
     """Wall seconds this process has spent on hub probing and hub look-ups."""
     return _wait_s
+
+
+def download(repo_id: str, preset=None) -> tuple[Path, str | None]:
+    """Fetch a hub repo's config, weights and tokenizer into the local cache; return (dir, commit).
+
+    Args:
+        repo_id: the hub id.  preset: the ssmdiag preset of that id, if any (named in the offline hint).
+    """
+    from .errors import SsmdiagError
+
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError)
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        raise SsmdiagError("huggingface_hub is missing", hint="pip install huggingface_hub") from None
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
+    prepare()
+    try:
+        with waiting():
+            path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+            if not any(p.suffix == ".safetensors" for p in path.iterdir()):
+                path = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin"]))
+    except RepositoryNotFoundError:
+        raise SsmdiagError(f"'{repo_id}' is not a local path and no hub repository of that name exists",
+                           hint="check the spelling, or pass a local checkpoint directory") from None
+    except (LocalEntryNotFoundError, EntryNotFoundError, OSError) as exc:
+        hint = (f"the hub is offline or unreachable; `--init random` builds the {preset.name} architecture with "
+                "fresh weights offline" if preset else "pass a local checkpoint directory, or allow hub access")
+        why = why_offline()
+        reason = f"{why} and it is not in the local cache" if why else type(exc).__name__
+        raise SsmdiagError(f"cannot download '{repo_id}' ({reason})", hint=hint) from None
+    commit = path.name if len(path.name) == 40 else None
+    return path, commit

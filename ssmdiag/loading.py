@@ -24,7 +24,7 @@ from . import hub, original_format
 from .adapters import SUPPORTED_FAMILIES, Adapter, family_of, get_adapter
 from .errors import SsmdiagError
 from .presets import Preset, all_presets, build_config, find_preset
-from .results import slugify
+from .naming import slugify
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -114,33 +114,6 @@ def resolve_dtype(dtype: str, config: Any = None) -> torch.dtype:
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
-
-
-def _download(repo_id: str, preset: Preset | None) -> tuple[Path, str | None]:
-    """Fetch a hub repo's config, weights and tokenizer into the local cache; return (dir, commit)."""
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError)
-    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
-        raise SsmdiagError("huggingface_hub is missing", hint="pip install huggingface_hub") from None
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
-    hub.prepare()
-    try:
-        with hub.waiting():
-            path = Path(snapshot_download(repo_id, allow_patterns=patterns))
-            if not any(p.suffix == ".safetensors" for p in path.iterdir()):
-                path = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin"]))
-    except RepositoryNotFoundError:
-        raise SsmdiagError(f"'{repo_id}' is not a local path and no hub repository of that name exists",
-                           hint="check the spelling, or pass a local checkpoint directory") from None
-    except (LocalEntryNotFoundError, EntryNotFoundError, OSError) as exc:
-        hint = (f"the hub is offline or unreachable; `--init random` builds the {preset.name} architecture with "
-                "fresh weights offline" if preset else "pass a local checkpoint directory, or allow hub access")
-        why = hub.why_offline()
-        reason = f"{why} and it is not in the local cache" if why else type(exc).__name__
-        raise SsmdiagError(f"cannot download '{repo_id}' ({reason})", hint=hint) from None
-    commit = path.name if len(path.name) == 40 else None
-    return path, commit
 
 
 def _weights_fingerprint(directory: Path) -> str | None:
@@ -336,11 +309,11 @@ def load_model(
         if path.exists() or spec.startswith((".", "/", "~")) or not _looks_like_hub_id(spec):
             if not path.exists() and find_preset(spec):
                 preset = find_preset(spec)
-                path, revision = _download(preset.hub_id, preset)
+                path, revision = hub.download(preset.hub_id, preset)
             else:
                 _check_local_dir(path)
         else:
-            path, revision = _download(spec, find_preset(spec))
+            path, revision = hub.download(spec, find_preset(spec))
         kind = _check_local_dir(path)
         if kind == "original":
             model, config, family = original_format.load(path, resolve_dtype(dtype))
@@ -415,17 +388,3 @@ class LoadOptions:
     seed: int = 0
     trust_remote_code: bool = False
     backend: str = "auto"
-
-
-def load_models(specs: list[str], opts: LoadOptions, meta: bool = False) -> list[LoadedModel]:
-    """Load several models with the same options, with a spinner on stderr while each loads."""
-    from . import console
-
-    loaded = []
-    for spec in specs:
-        with console.status(f"loading {spec} ({'random init' if opts.init == 'random' else 'weights'}) …"):
-            loaded.append(load_model(
-                spec, init=opts.init, dtype=opts.dtype, device=opts.device, device_map=opts.device_map,
-                tokenizer=opts.tokenizer, seed=opts.seed, trust_remote_code=opts.trust_remote_code, meta=meta,
-                backend=opts.backend))
-    return loaded

@@ -5,11 +5,11 @@ Every command reads these flags through this module, so a flag is spelled and un
 
 from __future__ import annotations
 
-import math
 import re
 
 from .data.mqar import MQARSegment
 from .errors import SsmdiagError
+from .metrics.influence_fit import auto_fit_range
 
 
 def parse_layers(text: str | None, num_layers: int) -> list[int]:
@@ -44,8 +44,7 @@ def parse_fit_range(spec: str | None, max_distance: int) -> tuple[int, int]:
     Raises SsmdiagError when the window is malformed or leaves fewer than 3 points.
     """
     if spec in (None, "", "auto"):
-        lo = min(4, max_distance // 4)
-        hi = max_distance - max(1, math.ceil(0.05 * max_distance))
+        lo, hi = auto_fit_range(max_distance)
     else:
         parts = str(spec).split(":")
         try:
@@ -143,11 +142,19 @@ def parse_segments(text: str) -> list[MQARSegment]:
     return out
 
 
-def parse_layer_counts(text: str | None) -> tuple[int, ...] | None:
-    """'2,4' -> (2, 4): the grid's model depths (layer counts, not indices); None / '' -> the preset's."""
+def parse_counts(text: str | None, flag: str, example: str = "2,4") -> tuple[int, ...] | None:
+    """'2,4' -> (2, 4): a list of positive counts given to `flag`; None / '' -> None (the default)."""
     if not text:
         return None
     try:
-        return tuple(int(x) for x in text.split(","))
+        counts = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise SsmdiagError(f"cannot read --layers '{text}' as layer counts", hint="the grid takes counts, e.g. 2,4") from None
+        raise SsmdiagError(f"cannot read {flag} '{text}' as counts", hint=f"give positive integers, e.g. {flag} {example}") from None
+    if any(c < 1 for c in counts):
+        raise SsmdiagError(f"{flag} '{text}': every count must be at least 1", hint=f"e.g. {flag} {example}")
+    return counts
+
+
+def parse_layer_counts(text: str | None) -> tuple[int, ...] | None:
+    """'2,4' -> (2, 4): the grid's model depths (--n-layers: layer counts, not indices); None -> the preset's."""
+    return parse_counts(text, "--n-layers")

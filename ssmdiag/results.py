@@ -9,7 +9,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -20,15 +19,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .hub import waited_s
+from .naming import slugify  # noqa: F401 - part of results' API (run folder names)
 
 SCHEMA_VERSION = 1
-
-
-def slugify(text: str) -> str:
-    """Turn a model spec into a short file-system-safe slug ('state-spaces/mamba-130m-hf' -> 'mamba-130m-hf')."""
-    text = str(text).rstrip("/\\")
-    text = text.split("/")[-1] or text
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -196,7 +189,7 @@ def check_resume_dir(resume: Path, command: str, marker: str) -> Path:
     if not resume.exists():
         raise SsmdiagError(f"--resume '{resume}' does not exist", hint=f"pass the folder of an earlier `{command}` run")
     if not resume.is_dir() or not (resume / marker).is_file():
-        raise SsmdiagError(f"--resume '{resume}' is not a {command} run folder (no {marker})",
+        raise SsmdiagError(f"--resume '{resume}' is not a {command} run directory (no {marker})",
                            hint=f"pass the folder of an earlier `{command}` run, e.g. runs/{command}/<name>-<stamp>")
     return resume
 

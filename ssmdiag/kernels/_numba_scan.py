@@ -1,6 +1,6 @@
 """Fused CPU kernels (numba) for the Mamba-1 selective scan, forward and backward.
 
-Dimension letters: b batch, l time, d channels (d_inner), n state size, S stored states.
+Dimension letters (docs/architecture.md): b batch, l time, d channels (d_inner), n state size, S stored states.
 
 Recurrence (Mamba paper, Gu & Dao 2023, eq. 2a-2b with zero-order-hold Ā and Euler B̄):
     h_t = exp(Δ_t A) * h_{t-1} + Δ_t B_t u_t          # (d, n) per batch row

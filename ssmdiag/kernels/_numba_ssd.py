@@ -1,6 +1,6 @@
 """Fused CPU kernels (numba) for the Mamba-2 SSD scan, forward and backward.
 
-Dimension letters: b batch, l time, h heads (= g groups x r heads per group), p head dim, n state
+Dimension letters (docs/architecture.md): b batch, l time, h heads (= g groups x r heads per group), p head dim, n state
 size, S stored states, c checkpoints.
 
 Recurrence (Dao & Gu 2024, "Transformers are SSMs", eq. 1 with a scalar decay per head), for head h

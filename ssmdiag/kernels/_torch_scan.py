@@ -1,6 +1,6 @@
 """Pure-torch engine for the Mamba-1 scan (GPU, or CPU without numba), same contract as _numba_scan.
 
-Letters: b batch, l time, d channels, n state size, S stored states.
+Dimension letters (docs/architecture.md): b batch, l time, d channels, n state size, S stored states.
 
 The linear recurrence h_t = a_t h_{t-1} + x_t is solved by a two-level associative scan: a doubling
 (Hillis-Steele) scan inside chunks of Q steps, then the same scan over the chunk carries.  It only

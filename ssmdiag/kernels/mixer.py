@@ -1,7 +1,7 @@
 """The SSM mixer path: ssmdiag computes transformers' Mamba-1 and Mamba-2 mixers itself.
 
-Letters: b batch, l time, d channels (d_inner), n state size, k conv width, c conv channels;
-Mamba-2: h heads, p head dim, g groups.
+Dimension letters as in docs/architecture.md: b batch, l time, e model width, d channels, n state size, w conv
+width; Mamba-2: h heads, p head dim, g groups (its conv runs over d + 2gn channels, written xbc).
 
 transformers stays the loader and runs everything that is not an SSM mixer (embeddings, norms, residuals,
 attention, the LM head).  `install` gives each MambaMixer / FalconMambaMixer / Mamba2Mixer an instance-level
@@ -44,7 +44,7 @@ MIXER_KINDS = {"MambaMixer": "mamba1", "FalconMambaMixer": "mamba1", "Mamba2Mixe
 class MixerState:
     """One SSM layer's recurrent state after some tokens."""
 
-    conv: torch.Tensor  # (b, c, k - 1): the last k - 1 conv inputs, in the model's dtype
+    conv: torch.Tensor  # (b, d, w - 1) / (b, d + 2gn, w - 1): the last w - 1 conv inputs, in the model's dtype
     ssm: torch.Tensor  # (b, d, n) Mamba-1 / (b, h, p, n) Mamba-2, float32 (float64 for float64 models)
 
 
@@ -202,7 +202,7 @@ def record(model: torch.nn.Module, layers=None, states=None, params: bool = Fals
 
 # --- the mixers -------------------------------------------------------------------------------------------
 def _mixer_forward(mixer, hidden_states, *args, **kwargs):
-    """The installed forward: (b, l, hidden) -> (b, l, hidden), carrying state when a carry or cache is given."""
+    """The installed forward: (b, l, e) -> (b, l, e), carrying state when a carry or cache is given."""
     cache = kwargs.get("cache", kwargs.get("cache_params", args[0] if args else None))
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     state = getattr(mixer, "_ssmdiag_carry", None)
@@ -225,18 +225,18 @@ def _mask_padding(x: torch.Tensor, mask) -> torch.Tensor:
 
 
 def _causal_conv(conv: torch.nn.Conv1d, x: torch.Tensor, prev: torch.Tensor | None, want_tail: bool):
-    """Depthwise causal conv of x (b, c, l) continuing from the previous k - 1 inputs prev (b, c, k - 1).
+    """Depthwise causal conv of x (b, d, l) continuing from the previous w - 1 inputs prev (b, d, w - 1).
 
-    Returns (conv output (b, c, l), the last k - 1 inputs for the next segment, or None unless want_tail).
+    Returns (conv output (b, d, l), the last w - 1 inputs for the next segment, or None unless want_tail).
     """
-    k, length = conv.weight.shape[-1], x.shape[-1]
+    w, length = conv.weight.shape[-1], x.shape[-1]
     if prev is None:  # zero history: padding in the conv itself (no copy of the strided x)
-        y = F.conv1d(x, conv.weight, conv.bias, padding=k - 1, groups=x.shape[1])[..., :length]
-        window = F.pad(x[..., max(0, length - (k - 1)):], (max(0, k - 1 - length), 0)) if want_tail else None
+        y = F.conv1d(x, conv.weight, conv.bias, padding=w - 1, groups=x.shape[1])[..., :length]
+        window = F.pad(x[..., max(0, length - (w - 1)):], (max(0, w - 1 - length), 0)) if want_tail else None
         return y, window
-    window = torch.cat([prev.to(x.dtype), x], dim=-1)  # (b, c, k - 1 + l)
+    window = torch.cat([prev.to(x.dtype), x], dim=-1)  # (b, d, w - 1 + l)
     y = F.conv1d(window, conv.weight, conv.bias, groups=x.shape[1])
-    return y, (window[..., window.shape[-1] - (k - 1):] if want_tail else None)
+    return y, (window[..., window.shape[-1] - (w - 1):] if want_tail else None)
 
 
 def _states_request(want, need_last: bool):
@@ -293,16 +293,16 @@ def mamba1_mixer(mixer, hidden_states, state: MixerState | None = None, attentio
     """One Mamba-1 (or FalconMamba) mixer from its module's parameters, optionally continuing from `state`.
 
     Args:
-        hidden_states: (b, l, hidden).  state: the layer's MixerState after the previous tokens, or None.
-    Returns: (output (b, l, hidden), the new MixerState or None when not want_state).
+        hidden_states: (b, l, e).  state: the layer's MixerState after the previous tokens, or None.
+    Returns: (output (b, l, e), the new MixerState or None when not want_state).
     """
     dtype, length = hidden_states.dtype, hidden_states.shape[1]
-    n, rank = mixer.A_log.shape[1], mixer.dt_proj.weight.shape[1]
+    n, dt_rank = mixer.A_log.shape[1], mixer.dt_proj.weight.shape[1]
     hidden_states = _mask_padding(hidden_states, attention_mask)
     x, z = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)         # (b, d, l) each
     x, conv_tail = _causal_conv(mixer.conv1d, x, None if state is None else state.conv, want_state)
     x = _mask_padding(mixer.act(x).transpose(1, 2), attention_mask)             # (b, l, d)
-    dt, B, C = torch.split(mixer.x_proj(x), [rank, n, n], dim=-1)              # (b, l, r), (b, l, n) x 2
+    dt, B, C = torch.split(mixer.x_proj(x), [dt_rank, n, n], dim=-1)              # (b, l, dt_rank), (b, l, n) x 2
     if type(mixer).__name__ == "FalconMambaMixer":  # FalconMamba normalises Δ, B and C (no weights)
         eps = float(getattr(mixer, "rms_eps", None) or mixer.config.mixer_rms_eps)
         dt, B, C = (_rms_unweighted(t, eps) for t in (dt, B, C))
@@ -328,7 +328,7 @@ def mamba1_mixer(mixer, hidden_states, state: MixerState | None = None, attentio
         _store(rec, int(mixer.layer_idx), "mamba", name, x, None if delta is None else delta.transpose(1, 2), A,
                B, C, recorded,
                lambda: _abar_range(delta.amin(dim=(0, 2))[:, None], delta.amax(dim=(0, 2))[:, None], A))
-    out = mixer.out_proj(y.transpose(1, 2).to(dtype))                           # (b, l, hidden)
+    out = mixer.out_proj(y.transpose(1, 2).to(dtype))                           # (b, l, e)
     return out, (MixerState(conv_tail, last) if want_state else None)
 
 
@@ -337,8 +337,8 @@ def mamba2_mixer(mixer, hidden_states, state: MixerState | None = None, attentio
     """One Mamba-2 mixer from its module's parameters (grouped B/C, gated RMSNorm), optionally continuing.
 
     Args:
-        hidden_states: (b, l, hidden).  state: the layer's MixerState after the previous tokens, or None.
-    Returns: (output (b, l, hidden), the new MixerState or None when not want_state).
+        hidden_states: (b, l, e).  state: the layer's MixerState after the previous tokens, or None.
+    Returns: (output (b, l, e), the new MixerState or None when not want_state).
     """
     bsz, length, _ = hidden_states.shape
     dtype = hidden_states.dtype
@@ -352,7 +352,7 @@ def mamba2_mixer(mixer, hidden_states, state: MixerState | None = None, attentio
     z0, x0, gate, xbc, dt = torch.split(proj, [d_mlp, d_mlp, d_inner, conv_dim, heads], dim=-1)
     xbc, conv_tail = _causal_conv(mixer.conv1d, xbc.transpose(1, 2), None if state is None else state.conv,
                                    want_state)
-    xbc = _mask_padding(mixer.act(xbc).transpose(1, 2), attention_mask)          # (b, l, c)
+    xbc = _mask_padding(mixer.act(xbc).transpose(1, 2), attention_mask)          # (b, l, d + 2gn)
     x, B, C = torch.split(xbc, [d_inner, groups * n, groups * n], dim=-1)
     A = -torch.exp(mixer.A_log.float())                                          # (h,)
     delta = F.softplus(dt.float() + mixer.dt_bias.float())                       # (b, l, h)
@@ -372,5 +372,5 @@ def mamba2_mixer(mixer, hidden_states, state: MixerState | None = None, attentio
     y = mixer.norm(y.reshape(bsz, length, d_inner), gate)                        # gated RMSNorm
     if d_mlp > 0:
         y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-    out = mixer.out_proj(y.to(dtype))                                            # (b, l, hidden)
+    out = mixer.out_proj(y.to(dtype))                                            # (b, l, e)
     return out, (MixerState(conv_tail, last) if want_state else None)

@@ -1,6 +1,7 @@
 """Plain sequential scans: the ground truth every fast path is tested against.
 
-Letters: b batch, l time, d channels, n state size; Mamba-2: h heads, p head dim, g groups.
+Dimension letters (docs/architecture.md): b batch, l time, d channels, n state size; Mamba-2: h heads,
+p head dim, g groups.
 Computation is float32 (float64 when u/x is float64); y comes back in the input's dtype, states in
 the compute dtype.
 """

@@ -1,6 +1,6 @@
 """selective_scan: the Mamba-1 scan with states, differentiable, on every backend.
 
-Letters: b batch, d channels (d_inner), l time, n state size, k requested positions.
+Dimension letters (docs/architecture.md): b batch, d channels (d_inner), l time, n state size, k requested positions.
 
     h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t,    y_t = C_t h_t + D u_t,    out_t = y_t * silu(z_t)
 (Gu & Dao 2023, "Mamba", Section 3 and Algorithm 2; same argument meaning as mamba-ssm's

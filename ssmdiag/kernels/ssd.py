@@ -1,7 +1,7 @@
 """ssd_scan: the Mamba-2 scan (state-space duality) with states, differentiable, on every backend.
 
-Letters: b batch, l time, h heads (= g groups x r heads per group), p head dim, n state size,
-c chunks, t and s positions inside a chunk (Q of them), k requested positions.
+Dimension letters (docs/architecture.md): b batch, l time, h heads (= g groups x r heads per group), p head dim,
+n state size, c chunks, t and s positions inside a chunk (q of them), k requested positions.
 
     h_t = exp(Δ_t a) h_{t-1} + Δ_t x_t B_t^T,    y_t = h_t C_t + D x_t,    out_t = y_t * silu(z_t)
 
@@ -12,7 +12,7 @@ The torch backend is the chunked SSD algorithm (Dao & Gu 2024, "Transformers are
 4. each position adds C_t . (decay since chunk start) * (state at chunk start).
 Decays are exp of sums of Δa over a span, taken from a masked cumulative sum (never a difference of
 two long cumsums, never a division), so heads with Ā ≡ 0 or Ā ≡ 1 stay finite in both directions.
-Plain torch ops throughout: autograd gives an O(l * Q) backward on CPU and GPU.
+Plain torch ops throughout: autograd gives an O(l * q) backward on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .ref import compute_dtype, normalize_positions, ssd_scan_ref
 
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """S[..., t, s] = sum_{s<j<=t} a[..., j] for t >= s, -inf above the diagonal.  a: (..., Q)."""
+    """S[..., t, s] = sum_{s<j<=t} a[..., j] for t >= s, -inf above the diagonal.  a: (..., q)."""
     q = a.shape[-1]
     lower = torch.ones(q, q, dtype=torch.bool, device=a.device).tril()
     x = a[..., :, None].expand(*a.shape, q).masked_fill(~lower.tril(-1), 0.0)  # x[.., j, s] = a_j if j > s
@@ -45,17 +45,17 @@ def _ssd_chunked(x, dt, A, B, C, h0, chunk_size, return_states):
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
     nc = x.shape[1] // q
     xd = (x * dt[..., None]).reshape(bsz, nc, q, groups, r, hdim)  # Δ_s x_s
-    a = (dt * A).reshape(bsz, nc, q, groups, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, Q)
+    a = (dt * A).reshape(bsz, nc, q, groups, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q)
     Bc = B.reshape(bsz, nc, q, groups, nstate)
     Cc = C.reshape(bsz, nc, q, groups, nstate)
-    seg = _segsum(a)  # (b, c, g, r, Q, Q)
+    seg = _segsum(a)  # (b, c, g, r, q, q)
     decay = torch.exp(seg)
-    cs = seg[..., :, 0] + a[..., :1]  # inclusive cumsum of Δa inside the chunk, (b, c, g, r, Q)
+    cs = seg[..., :, 0] + a[..., :1]  # inclusive cumsum of Δa inside the chunk, (b, c, g, r, q)
     # 1. intra-chunk outputs
-    cb = torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)  # (b, c, g, Q, Q)
+    cb = torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)  # (b, c, g, q, q)
     y = torch.einsum("bcgrts,bcsgrp->bctgrp", cb[:, :, :, None] * decay, xd)
     # 2. each chunk's contribution to its end state
-    to_end = decay[..., -1, :].permute(0, 1, 4, 2, 3)[..., None]  # (b, c, Q, g, r, 1)
+    to_end = decay[..., -1, :].permute(0, 1, 4, 2, 3)[..., None]  # (b, c, q, g, r, 1)
     local = torch.einsum("bcsgn,bcsgrp->bcgrpn", Bc, xd * to_end)  # (b, c, g, r, p, n)
     # 3. carry states across chunks
     start0 = (h0.reshape(bsz, groups, r, hdim, nstate) if h0 is not None
@@ -63,7 +63,7 @@ def _ssd_chunked(x, dt, A, B, C, h0, chunk_size, return_states):
     ends = linear_scan(torch.exp(cs[..., -1])[..., None, None], local, start0)  # (b, c, g, r, p, n)
     starts = torch.cat([start0[:, None], ends[:, :-1]], dim=1)
     # 4. contribution of the chunk's start state
-    since = torch.exp(cs).permute(0, 1, 4, 2, 3)  # (b, c, Q, g, r)
+    since = torch.exp(cs).permute(0, 1, 4, 2, 3)  # (b, c, q, g, r)
     y = y + torch.einsum("bctgn,bcgrpn->bctgrp", Cc, starts) * since[..., None]
     y = y.reshape(bsz, nc * q, heads, hdim)[:, :length]
     if return_states is None:
@@ -76,8 +76,8 @@ def _ssd_chunked(x, dt, A, B, C, h0, chunk_size, return_states):
         return y, states.reshape(bsz, nc * q, heads, hdim, nstate)[:, :length]
     pos = normalize_positions(return_states, length).to(x.device)
     ci, qi = pos // q, pos % q
-    rows = decay.permute(1, 4, 0, 2, 3, 5)[ci, qi]  # (k, b, g, r, Q): decay from s to position t
-    xw = xd[:, ci] * rows.permute(1, 0, 4, 2, 3)[..., None]  # (b, k, Q, g, r, p)
+    rows = decay.permute(1, 4, 0, 2, 3, 5)[ci, qi]  # (k, b, g, r, q): decay from s to position t
+    xw = xd[:, ci] * rows.permute(1, 0, 4, 2, 3)[..., None]  # (b, k, q, g, r, p)
     inner = torch.einsum("bksgn,bksgrp->bkgrpn", Bc[:, ci], xw)
     fac = since.permute(1, 2, 0, 3, 4)[ci, qi].transpose(0, 1)  # (b, k, g, r)
     states = inner + fac[..., None, None] * starts[:, ci]
