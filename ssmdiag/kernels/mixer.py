@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import resolve_backend
+from .ref import ssd_step_sizes
 from .scan import selective_scan
 from .ssd import ssd_scan
 
@@ -355,9 +356,7 @@ def mamba2_mixer(mixer, hidden_states, state: MixerState | None = None, attentio
     xbc = _mask_padding(mixer.act(xbc).transpose(1, 2), attention_mask)          # (b, l, d + 2gn)
     x, B, C = torch.split(xbc, [d_inner, groups * n, groups * n], dim=-1)
     A = -torch.exp(mixer.A_log.float())                                          # (h,)
-    delta = F.softplus(dt.float() + mixer.dt_bias.float())                       # (b, l, h)
-    lo, hi = getattr(mixer, "time_step_limit", (0.0, float("inf")))
-    delta = delta.clamp(min=lo, max=hi)
+    delta = ssd_step_sizes(dt, mixer.dt_bias, True, getattr(mixer, "time_step_limit", None), torch.float32)  # (b, l, h)
     request, how = _states_request(rec.states if rec is not None else None, want_state)
     name = resolve_backend(backend, x.device, request, op="ssd")
     u = x.reshape(bsz, length, heads, p)

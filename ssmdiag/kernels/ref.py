@@ -69,6 +69,18 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return y if return_states is None else (y, pick_states(hs, return_states))
 
 
+def ssd_step_sizes(dt, dt_bias, dt_softplus: bool, dt_limit, ct: torch.dtype) -> torch.Tensor:
+    """Mamba-2's step sizes Δ = clamp(softplus(dt + dt_bias), dt_limit) in dtype ct.  dt: (b, l, h); dt_bias: (h,)."""
+    d = dt.to(ct)
+    if dt_bias is not None:
+        d = d + dt_bias.to(ct)
+    if dt_softplus:
+        d = F.softplus(d)
+    if dt_limit is not None:
+        d = d.clamp(min=dt_limit[0], max=dt_limit[1])
+    return d
+
+
 def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=None,
                  initial_state=None, return_states=None, chunk_size=256):
     """Mamba-2 scan (SSD with scalar decay per head, Dao & Gu 2024, eq. 1), one step at a time.
@@ -80,13 +92,7 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False
     Returns: y (b, l, h, p), or (y, states) with states (b, h, p, n) / (b, l, h, p, n) / (b, k, h, p, n).
     """
     ct = compute_dtype(x)
-    d = dt.to(ct)
-    if dt_bias is not None:
-        d = d + dt_bias.to(ct)
-    if dt_softplus:
-        d = F.softplus(d)
-    if dt_limit is not None:
-        d = d.clamp(min=dt_limit[0], max=dt_limit[1])
+    d = ssd_step_sizes(dt, dt_bias, dt_softplus, dt_limit, ct)
     bsz, length, heads, hdim = x.shape
     rep = heads // B.shape[2]
     xf = x.to(ct)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ._torch_scan import linear_scan
 from .backend import resolve_backend
-from .ref import compute_dtype, normalize_positions, ssd_scan_ref
+from .ref import compute_dtype, normalize_positions, ssd_scan_ref, ssd_step_sizes
 
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
@@ -119,13 +119,7 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt
         return ssd_scan_cuda(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_state, return_states,
                              chunk_size)
     ct = compute_dtype(x)
-    d = dt.to(ct)
-    if dt_bias is not None:
-        d = d + dt_bias.to(ct)
-    if dt_softplus:
-        d = F.softplus(d)
-    if dt_limit is not None:
-        d = d.clamp(min=dt_limit[0], max=dt_limit[1])
+    d = ssd_step_sizes(dt, dt_bias, dt_softplus, dt_limit, ct)
     xf = x.to(ct)
     h0 = initial_state.to(ct) if initial_state is not None else None
     y, states = _ssd_chunked(xf, d, A.to(ct).clamp(min=-1e30), B.to(ct), C.to(ct), h0, chunk_size, return_states)
