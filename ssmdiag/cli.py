@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback. `SSMDIAG_DEBUG=1` shows tracebac
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import os
@@ -27,6 +28,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("needle", "needle", "Needle in a haystack: counterfactual needles over lengths × depths, resumable grids."),
     ("polarize", "polarize",
      "Polarize state channels (Ā ≡ 1 / Ā ≡ 0): patch a checkpoint, fine-tune it, or train the MQAR grid."),
+    ("robust", "robust", "Corrupt leading vs trailing tokens: how much each hurts the next-token output (§3.3)."),
 ]
 
 app = typer.Typer(
@@ -47,21 +49,50 @@ def report_error(exc: SsmdiagError) -> None:
         print(f"Hint: {' '.join(str(exc.hint).split())}", file=sys.stderr)
 
 
+FATAL_OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # always about the output, wherever they arise
+
+
+def _abandon() -> None:
+    """Clean up after a failed command: unfinished fresh run folders go; resumable ones stay, marked INCOMPLETE."""
+    from .results import abandon_runs
+
+    for path in abandon_runs():
+        print(f"Hint: the unfinished run is kept in {path} (marked INCOMPLETE); add --resume {path} to finish it",
+              file=sys.stderr)
+
+
 def handle_errors(func: Callable) -> Callable:
-    """Wrap a command so SsmdiagError exits 1 with a clean message (traceback with SSMDIAG_DEBUG=1)."""
+    """Wrap a command so SsmdiagError exits 1 with a clean message (traceback with SSMDIAG_DEBUG=1).
+
+    A full disk or a read-only file system met anywhere becomes such an error too; whatever the failure, the
+    command leaves no half-written run behind (see results.abandon_runs).
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except SsmdiagError as exc:
+            _abandon()
             if os.environ.get("SSMDIAG_DEBUG") == "1":
                 raise
             report_error(exc)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
+            _abandon()
             print("Interrupted.", file=sys.stderr)
             raise typer.Exit(130) from None
+        except OSError as exc:
+            _abandon()
+            if exc.errno not in FATAL_OUTPUT_ERRNOS or os.environ.get("SSMDIAG_DEBUG") == "1":
+                raise
+            from .files import output_error
+
+            report_error(output_error(exc, exc.filename))
+            raise typer.Exit(1) from None
+        except BaseException:
+            _abandon()
+            raise
 
     return wrapper
 

@@ -14,6 +14,7 @@ from rich.table import Table
 from .results import to_jsonable
 
 out = Console(soft_wrap=True)
+PIPED_WIDTH = 10_000  # off a terminal, tables are as wide as their content: a log never splits a number
 err = Console(stderr=True)
 _quiet = False
 
@@ -95,8 +96,9 @@ def emit(doc: Any, tables: Iterable[Table] = (), as_json: bool = False) -> None:
     if as_json:
         sys.stdout.write(json.dumps(to_jsonable(doc), indent=2) + "\n")
         return
+    stdout = out if out.is_terminal else Console(soft_wrap=True, width=PIPED_WIDTH, file=sys.stdout)
     for t in tables:
-        out.print(t)
+        stdout.print(t)
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -24,6 +24,7 @@ from . import hub, original_format
 from .adapters import SUPPORTED_FAMILIES, Adapter, family_of, get_adapter
 from .errors import SsmdiagError
 from .presets import Preset, all_presets, build_config, find_preset
+from .runtime import resolve_device
 from .naming import slugify
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -77,26 +78,6 @@ def quiet_transformers() -> None:
 
 
 # --- devices and dtypes -----------------------------------------------------------------------
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; refuse cuda without a GPU."""
-    device = (device or "auto").lower()
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SsmdiagError(f"unknown device '{device}'", hint="use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SsmdiagError(f"device '{device}' requested but no CUDA GPU is available",
-                               hint="use --device cpu (or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SsmdiagError(f"device '{device}' does not exist ({torch.cuda.device_count()} GPU(s) visible)")
-    elif dev.type != "cpu":
-        raise SsmdiagError(f"unsupported device '{device}'", hint="use auto, cpu, cuda or cuda:N")
-    return dev
-
-
 def resolve_dtype(dtype: str, config: Any = None) -> torch.dtype:
     """'auto' -> the checkpoint's own dtype when it states one, else float32."""
     dtype = (dtype or "auto").lower()
@@ -158,6 +139,14 @@ def _check_local_dir(path: Path) -> str:
                        "nor an original state-spaces config (no d_model/n_layer)")
 
 
+def _config_model_type(path: Path) -> str | None:
+    """The model_type written in path/config.json, if it can be read."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _check_family(config: Any, spec: str) -> str:
     family = family_of(config)
     model_type = getattr(config, "model_type", "?")
@@ -214,6 +203,13 @@ def _from_pretrained_dir(path: Path, dtype: str, device_map: str | None, trust_r
         if "trust_remote_code" in str(exc):
             raise SsmdiagError(f"'{path}' needs its own Python code to load",
                                hint="review that code, then pass --trust-remote-code") from None
+        model_type = _config_model_type(path)
+        if model_type is not None and "model_type" in str(exc):
+            import transformers
+
+            raise SsmdiagError(f"'{path}' has model_type '{model_type}', which transformers {transformers.__version__} "
+                               "does not know", hint=f"ssmdiag supports {', '.join(SUPPORTED_FAMILIES)} and any "
+                               "transformers causal LM; upgrade transformers if the type is newer") from None
         raise SsmdiagError(f"cannot read the config in '{path}': {str(exc).splitlines()[0]}") from None
     family = _check_family(config, str(path))
     torch_dtype = resolve_dtype(dtype, config)
@@ -223,9 +219,7 @@ def _from_pretrained_dir(path: Path, dtype: str, device_map: str | None, trust_r
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:  # noqa: BLE001 - safetensors/pickle/shape errors: the files, not our code
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise SsmdiagError(f"cannot load the weights in '{path}': {first}",
-                           hint="the weights file may be corrupt or truncated; re-download or re-save it") from None
+        raise original_format.weights_error(exc, path) from None
     return model, config, family
 
 

@@ -6,11 +6,19 @@ command runs; a bounded count carries `min=`, so it is validated here and nowher
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+
+def positive_finite(value: float | None) -> float | None:
+    """Typer callback: a rate or scale must be a finite number above 0 (None: the default)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a finite number above 0")
+    return value
 
 
 class Choice(str, Enum):
@@ -167,3 +175,12 @@ class GridPresetName(Choice):
     paper = "paper"
     cpu = "cpu"
     micro = "micro"
+
+
+# --- robust ---------------------------------------------------------------------------------------
+class Corruption(Choice):
+    """--corruption: random ids, Gaussian noise on the input embeddings, or the donor sample's tokens (splice)."""
+
+    random = "random"
+    noise = "noise"
+    splice = "splice"

@@ -68,9 +68,22 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except SsmdiagError:
         raise
     except Exception as exc:  # noqa: BLE001 - pickle/zip/safetensors errors all mean a bad file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise SsmdiagError(f"cannot read the weights in '{path}': {first}",
-                           hint="the weights file may be corrupt or truncated; re-download it") from None
+        raise weights_error(exc, path) from None
+
+
+def weights_error(exc: Exception, path: Path) -> SsmdiagError:
+    """The user-facing error for weights that would not load: unsafe pickles named as such, never a hint to unpickle."""
+    text = str(exc)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return SsmdiagError(f"refused to load the weights in '{path}': they contain pickled objects that are not "
+                            "plain tensors (unsafe to unpickle)",
+                            hint="convert the checkpoint to safetensors where it was made, or use a trusted copy")
+    first = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+    if "size mismatch" in text or "shape" in first or "mismatched_sizes" in text:
+        return SsmdiagError(f"the weights in '{path}' do not match its config.json: {first}",
+                            hint="check that config.json belongs to these weights")
+    return SsmdiagError(f"cannot load the weights in '{path}': {first}",
+                        hint="the weights file may be corrupt or truncated; re-download or re-save it")
 
 
 def load(path: Path, dtype: torch.dtype):
@@ -80,10 +93,18 @@ def load(path: Path, dtype: torch.dtype):
     cfg = json.loads((path / "config.json").read_text())
     config = to_hf_config(cfg)
     sd = {_RENAMES.get(k, k): v for k, v in _read_state_dict(path).items()}
+    rows = sd.get("backbone.embeddings.weight")
+    if rows is not None and rows.shape[0] != config.vocab_size:  # the weights' rows are the truth (padding varies)
+        config.vocab_size = int(rows.shape[0])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()
+        raise SsmdiagError(f"'{path}' does not match its config: {(first[1] if len(first) > 1 else first[0]).strip()}",
+                           hint="check that config.json belongs to these weights") from None
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise SsmdiagError(f"'{path}' does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")

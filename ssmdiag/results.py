@@ -8,16 +8,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import SsmdiagError
+from .files import atomic_path, output_error
 from .hub import waited_s
 from .naming import slugify  # noqa: F401 - part of results' API (run folder names)
 
@@ -45,18 +46,9 @@ def to_jsonable(obj: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary file beside `path`, then rename: an interrupt never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(obj), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:  # the file closes before atomic_path renames it
+        json.dump(to_jsonable(obj), f, indent=2, allow_nan=False)
+        f.write("\n")
 
 
 def library_versions() -> dict[str, str]:
@@ -115,6 +107,9 @@ class Run:
     plots: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    resumable: bool = False  # an unfinished run is kept (marked INCOMPLETE) for --resume, not deleted
+    created: list[Path] = field(default_factory=list)  # folders start_run made, outermost first
+    finished: bool = False
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -166,6 +161,8 @@ class Run:
         """Write result.json atomically and return what was written."""
         doc = self.payload(metrics, backend=backend, extra=extra)
         write_json_atomic(self.path / "result.json", doc)
+        (self.path / INCOMPLETE).unlink(missing_ok=True)
+        self.finished = True
         return doc
 
 
@@ -183,8 +180,6 @@ def check_resume_dir(resume: Path, command: str, marker: str) -> Path:
         resume: the --resume RUN_DIR the user gave.
         marker: a file every run of this command writes first (e.g. needle's grid.json).
     """
-    from .errors import SsmdiagError
-
     resume = Path(resume)
     if not resume.exists():
         raise SsmdiagError(f"--resume '{resume}' does not exist", hint=f"pass the folder of an earlier `{command}` run")
@@ -194,19 +189,63 @@ def check_resume_dir(resume: Path, command: str, marker: str) -> Path:
     return resume
 
 
+INCOMPLETE = "INCOMPLETE"  # marker file in a run folder until its result.json is written
+_open_runs: list[Run] = []  # runs this process opened; cli.abandon_runs() cleans up the unfinished ones
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """mkdir -p `path`; returns the folders it created, outermost first (an OS error becomes an SsmdiagError)."""
+    missing = [p for p in [path, *path.parents] if not p.exists()][::-1]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        for p in reversed(missing):  # undo what was made before the failure
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise output_error(exc, path) from None
+    return missing
+
+
 def start_run(
     out: Path, command: str, models: list[Any], argv: list[str] | None = None, config: dict[str, Any] | None = None,
-    seed: int | None = None, resume: Path | None = None,
+    seed: int | None = None, resume: Path | None = None, resumable: bool = False,
 ) -> Run:
     """The one maker of run folders: `<out>/<command>/<model-slug>-<UTC timestamp>/`, or `resume` to continue one.
 
-    The folder is created here (callers validate their inputs first, so a failed command leaves nothing);
-    a resumed folder must already exist (see `check_resume_dir`).
+    Call it after validating inputs. Until `Run.finish` writes result.json the folder holds an INCOMPLETE marker;
+    if the process fails first, `abandon_runs` deletes a fresh folder (and the parents it made) or, for a
+    `resumable` run (needle, polarize --train, the grid), keeps it marked for `--resume`.
     """
     if resume is None:
         path = fresh_run_path(out, command, [m if isinstance(m, str) else m.name for m in models])
-        path.mkdir(parents=True, exist_ok=True)
+        created = _make_dirs(path)
     else:
-        path = Path(resume)
-    return Run(path=path, command=command, argv=list(argv if argv is not None else sys.argv), config=config or {},
-               models=list(models), seed=seed)
+        path, created = Path(resume), []
+    run = Run(path=path, command=command, argv=list(argv if argv is not None else sys.argv), config=config or {},
+              models=list(models), seed=seed, resumable=resumable or resume is not None, created=created)
+    _open_runs.append(run)
+    try:
+        (path / INCOMPLETE).write_text(f"This `ssmdiag {command}` run has not finished (no result.json yet).\n")
+    except OSError as exc:
+        raise output_error(exc, path / INCOMPLETE) from None
+    return run
+
+
+def abandon_runs() -> list[Path]:
+    """After a failure: delete the unfinished fresh runs of this process; return the resumable ones kept."""
+    kept = []
+    while _open_runs:
+        run = _open_runs.pop()
+        if run.finished:
+            continue
+        if run.resumable and any(p.name != INCOMPLETE for p in run.path.iterdir()):
+            kept.append(run.path)
+            continue
+        if run.created:  # a folder this process made: remove it and the parents it made, if empty
+            shutil.rmtree(run.path, ignore_errors=True)
+            for folder in reversed(run.created[:-1]):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        else:
+            (run.path / INCOMPLETE).unlink(missing_ok=True)
+    return kept

@@ -26,6 +26,26 @@ def set_threads(threads: int | None) -> None:
         pass
 
 
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; refuse cuda without a GPU."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SsmdiagError(f"unknown device '{device}'", hint="use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SsmdiagError(f"device '{device}' requested but no CUDA GPU is available",
+                               hint="use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SsmdiagError(f"device '{device}' does not exist ({torch.cuda.device_count()} GPU(s) visible)")
+    elif dev.type != "cpu":
+        raise SsmdiagError(f"unsupported device '{device}'", hint="use auto, cpu, cuda or cuda:N")
+    return dev
+
+
 @dataclass
 class Dist:
     """This process's place among the processes `accelerate launch` started (rank 0 of 1 otherwise)."""

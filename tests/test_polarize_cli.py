@@ -110,7 +110,6 @@ def test_grid_cells_in_parallel_processes(tmp_path):
     (["{mamba}", "--train", "--task", "text"], "needs --text"),
     (["--train", "--preset", "micro", "--test-pairs", "20"], "cannot place 20"),
     ([], "give a MODEL"),
-    (["--train", "--preset", "micro", "--jobs", "0"], "--jobs 0"),
     (["--train", "--preset", "micro", "--layers", "2"], "--n-layers"),
     (["{mamba}", "--n-layers", "2"], "--n-layers"),
     (["--train", "--preset", "micro", "--resume", "{tmp}"], "not a polarize run"),
@@ -120,6 +119,14 @@ def test_errors(args, message, tiny_mamba_dir, tiny_gpt_neox_dir, tmp_path):
     args = [a.format(gpt=tiny_gpt_neox_dir, mamba=tiny_mamba_dir, tmp=tmp_path) for a in args]
     res = invoke(*args, "--out", tmp_path / "e")
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("args", [["--train", "--preset", "micro", "--jobs", "0"], ["{mamba}", "--train", "--lr", "-1"]])
+def test_bounds_are_usage_errors(args, tiny_mamba_dir, tmp_path):
+    """Counts below 1 and rates that are not finite and positive are refused before anything runs (exit 2)."""
+    res = invoke(*[a.format(mamba=tiny_mamba_dir) for a in args], "--out", tmp_path / "e")
+    assert res.exit_code == 2 and args[-2] in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("args,flag", [

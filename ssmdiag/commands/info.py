@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from .. import console
-from ..loading import LoadOptions, describe_backend, resolve_device
+from ..loading import LoadOptions, describe_backend
+from ..runtime import resolve_device
 from ._load import load_models
 from ..metrics.summary import summarize_model
 from ..options import (DEFAULT_OUT, Backend, BackendOpt, DeviceOpt, Dtype, DtypeOpt, Init, InitOpt, JsonOpt, ModelArg,

@@ -13,6 +13,7 @@ from ..jobs.grid import GridConfig, run_grid
 from ..jobs.polarize import FinetuneConfig, PatchConfig, run_patch
 from ..loading import LoadOptions
 from ._load import load_models
+from ..options import positive_finite
 from ..options import (DEFAULT_OUT, Backend, BackendOpt, Channels, DeviceOpt, Dtype, DtypeOpt, FinetuneTask,
                        GridPresetName, Init, InitOpt, JsonOpt, OutOpt, PolarizeMode, QuietOpt, SeedOpt, SeqLenOpt,
                        TokenizerOpt, Trainable, TrustRemoteCodeOpt)
@@ -31,21 +32,21 @@ def main(
     layers: Annotated[Optional[str], Opt(help="Layer indices to patch: all, 0-11, 0,3.")] = None,
     train: Annotated[bool, Opt("--train", help="Fine-tune MODEL after patching; without MODEL, train the grid.")] = False,
     task: Annotated[FinetuneTask, Opt(help="Fine-tuning task.")] = FinetuneTask.mqar,
-    text: Annotated[Optional[Path], Opt(help="Corpus for --task text.")] = None,
-    steps: Annotated[Optional[int], Opt(help="Training steps (default: 200, or the preset's).")] = None,
-    lr: Annotated[Optional[float], Opt(help="Peak learning rate (AdamW, cosine).")] = None,
-    batch_size: Annotated[Optional[int], Opt(help="Sequences per step.")] = None,
+    text: Annotated[Optional[Path], Opt(exists=True, dir_okay=False, help="Corpus for --task text.")] = None,
+    steps: Annotated[Optional[int], Opt(min=1, help="Training steps (default: 200, or the preset's).")] = None,
+    lr: Annotated[Optional[float], Opt(callback=positive_finite, help="Peak learning rate (AdamW, cosine).")] = None,
+    batch_size: Annotated[Optional[int], Opt(min=1, help="Sequences per step.")] = None,
     trainable: Annotated[Trainable, Opt(help="new: the polarized/added entries only.")] = Trainable.all,
     seq_len: SeqLenOpt = 256,
-    pairs: Annotated[int, Opt(help="MQAR key-value pairs while fine-tuning.")] = 16,
+    pairs: Annotated[int, Opt(min=1, help="MQAR key-value pairs while fine-tuning.")] = 16,
     test_pairs: Annotated[Optional[str], Opt(help="MQAR pair counts to test (e.g. 16,32,64).")] = None,
     preset: Annotated[GridPresetName, Opt(help="Grid preset.")] = GridPresetName.cpu,
     n_layers: Annotated[Optional[str], Opt(help="Grid: layer counts (2,4); default: the preset's.")] = None,
     variants: Annotated[Optional[str], Opt(help="Grid variants: default,one,zero,both.")] = None,
     resume: Annotated[Optional[Path], Opt(metavar="RUN_DIR", help="Continue the interrupted --train run or grid "
                                           "in RUN_DIR.")] = None,
-    threads: Annotated[Optional[int], Opt(help="CPU compute threads (1 is fastest on a busy machine).")] = None,
-    jobs: Annotated[Optional[int], Opt(help="Grid cells trained at once in CPU processes (cpu preset: 2).")] = None,
+    threads: Annotated[Optional[int], Opt(min=1, help="CPU compute threads (1 is fastest on a busy machine).")] = None,
+    jobs: Annotated[Optional[int], Opt(min=1, help="Grid cells trained at once in CPU processes (cpu preset: 2).")] = None,
     init: InitOpt = Init.pretrained, seed: SeedOpt = 0, dtype: DtypeOpt = Dtype.auto, device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None, trust_remote_code: TrustRemoteCodeOpt = False, backend: BackendOpt = Backend.auto,
     out: OutOpt = DEFAULT_OUT, as_json: JsonOpt = False, quiet: QuietOpt = False,

@@ -197,6 +197,9 @@ def build_haystack(tokenizer: Any, min_tokens: int, path: Path | None = None, se
             hay = tokenize_haystack(text, tokenizer, f"generated(seed={seed})")
             if len(hay.ids) >= min_tokens:
                 return hay
+            if not hay.ids:  # a tokenizer that encodes prose to nothing would loop forever
+                raise SsmdiagError("the tokenizer encodes the generated haystack to no tokens",
+                                   hint="pass a working tokenizer with --tokenizer")
             per_sentence = max(len(hay.ids) / n, 1.0)
             n = max(int(min_tokens / per_sentence * 1.1) + 8, n * 2)
     path = Path(path).expanduser()

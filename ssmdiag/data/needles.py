@@ -210,6 +210,11 @@ class PromptTemplate:
     def needle_ids(self, needle: Needle, at_start: bool) -> list[int]:
         """The needle's ids: ' statement' inside the text, 'statement\\n\\n' at depth 0. No special tokens allowed."""
         ids = self._encode(needle.statement + "\n\n") if at_start else self._encode(" " + needle.statement, after=".")
+        unk = getattr(self.tok, "unk_token_id", None)
+        if unk is not None and unk in ids:
+            raise SsmdiagError(f"needle '{needle.id}' has words this tokenizer cannot encode (they map to its unknown "
+                               "token)", hint="use a tokenizer that covers the needles' text (--tokenizer), or other "
+                                              "--needles")
         if self.specials & set(ids):
             raise SsmdiagError(f"needle '{needle.id}' tokenises to a special token",
                                hint="remove control strings such as <s> or <|endoftext|> from its statement")
@@ -256,3 +261,18 @@ class PromptTemplate:
     def stream(self, hay: Haystack) -> list[int]:
         """The token stream every prompt's reusable prefix is cut from (lead + haystack)."""
         return (self.frame(Needle("x", "x", "x", "x"))[0] if self.chat else self.lead) + hay.ids
+
+
+PROBE_TEXT = "The copper kettle stood on the wooden table near the window."
+
+
+def check_tokenizer(tok: Any) -> None:
+    """Refuse a degenerate tokenizer up front (one that encodes text to nothing or only to its unknown token)."""
+    ids = list(tok(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise SsmdiagError("the tokenizer encodes ordinary text to no tokens at all",
+                           hint="pass a working tokenizer with --tokenizer")
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is not None and all(i == unk for i in ids):
+        raise SsmdiagError("the tokenizer maps ordinary English words to its unknown token",
+                           hint="pass a tokenizer that covers English text with --tokenizer")

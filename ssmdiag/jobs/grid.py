@@ -14,7 +14,8 @@ from typing import Callable
 
 from .. import console
 from ..errors import SsmdiagError
-from ..loading import quiet_transformers, resolve_device
+from ..loading import quiet_transformers
+from ..runtime import resolve_device
 from ..parse import parse_layer_counts
 from ..runtime import set_threads
 from ..training.mqar_grid import CellResult, GridPreset, get_preset, run_cell

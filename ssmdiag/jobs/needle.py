@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 from .. import console
 from ..data.haystack import Haystack, build_haystack
-from ..data.needles import Needle, PromptTemplate, resolve_needles
+from ..data.needles import Needle, PromptTemplate, resolve_needles, check_tokenizer
 from ..errors import SsmdiagError
 from ..loading import require_tokenizer
 from ..metrics.needle import SampleScore, cell_key, reuse_report, score_prompt, summarize_cell, summarize_grid
@@ -152,7 +152,7 @@ def open_grid_run(out: Path, resume: Path | None, loaded: Any, identity: dict[st
         config: result.json's `config`.
         seed: the run's seed.
     """
-    run = start_run(out, "needle", [loaded], config=config, seed=seed, resume=resume)
+    run = start_run(out, "needle", [loaded], config=config, seed=seed, resume=resume, resumable=True)
     if resume is None:
         write_json_atomic(run.path / GRID_FILE, identity)
     else:
@@ -191,6 +191,7 @@ def prepare_grid(tok: Any, max_positions: int | None, cfg: NeedleConfig) -> Grid
         max_positions: the model's positional limit (None: no limit, as for SSMs).
         cfg: the grid's options.
     """
+    check_tokenizer(tok)
     needles, template = resolve_needles(cfg.needles, cfg.samples, cfg.seed), PromptTemplate(tok, cfg.chat)
     lengths, overheads = cfg.lengths, [template.overhead(n) for n in needles]
     if lengths[0] <= max(overheads):

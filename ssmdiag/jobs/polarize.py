@@ -78,17 +78,18 @@ def check_resume(resume: Path, identity: dict[str, Any]) -> Path:
 
 
 def open_polarize_run(out: Path, resume: Path | None, models: list[Any], config: dict, identity: dict[str, Any],
-                      seed: int) -> Run:
+                      seed: int, resumable: bool = True) -> Run:
     """A fresh run folder `<out>/polarize/<slug>-<stamp>/` holding polarize.json, or the checked --resume folder.
 
     Under `accelerate launch` the main process makes the folder and every process writes into the same one.
     """
     dist = distributed()
-    run = start_run(out, "polarize", models, config=config, seed=seed) if resume is None and dist.is_main else None
+    run = (start_run(out, "polarize", models, config=config, seed=seed, resumable=resumable)
+           if resume is None and dist.is_main else None)
     if run is not None:
         write_json_atomic(run.path / MARKER, identity)
     path = Path(resume) if resume is not None else dist.share(run.path if run else None)
-    return run or start_run(out, "polarize", models, config=config, seed=seed, resume=path)
+    return run or start_run(out, "polarize", models, config=config, seed=seed, resume=path, resumable=resumable)
 
 
 # --- the patch workflow ---------------------------------------------------------------------------------
@@ -127,7 +128,8 @@ def run_patch(loaded: LoadedModel, cfg: PatchConfig, out: Path, resume: Path | N
     Returns: the result document and the rich tables to print.
     """
     chosen = _check_patch(loaded, cfg, resume)
-    run = open_polarize_run(out, resume, [loaded], asdict(cfg), _identity(cfg, chosen), cfg.seed)
+    run = open_polarize_run(out, resume, [loaded], asdict(cfg), _identity(cfg, chosen), cfg.seed,
+                            resumable=cfg.train is not None)
     _note_half_precision(loaded, run)
     ids = _diag_ids(int(loaded.config.vocab_size), cfg.seed)
     with run.phase("diagnose_before"):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import matplotlib
 
+from ..files import atomic_path  # written to a temporary file and renamed: never half a PNG
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -21,12 +23,14 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Save as PNG (dpi 120) and close the figure."""
+    """Save as PNG (dpi 120) atomically and close the figure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
