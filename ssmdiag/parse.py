@@ -158,3 +158,39 @@ def parse_counts(text: str | None, flag: str, example: str = "2,4") -> tuple[int
 def parse_layer_counts(text: str | None) -> tuple[int, ...] | None:
     """'2,4' -> (2, 4): the grid's model depths (--n-layers: layer counts, not indices); None -> the preset's."""
     return parse_counts(text, "--n-layers")
+
+
+def parse_region_lengths(text: str | None, seq_len: int) -> list[int]:
+    """`robust --lengths`: 'auto' / None -> the paper's 32 and 96 tokens of 1024, scaled to seq_len; else a list as
+    parse_lengths reads it ('16,48', '1k'). Every length must be below seq_len / 2 (leading and trailing disjoint).
+    """
+    if text is None or str(text).strip().lower() in ("", "auto"):
+        lengths = sorted({max(1, round(k * seq_len / 1024)) for k in (32, 96)})
+    else:
+        lengths = parse_lengths(str(text))
+    for k in lengths:
+        if 2 * k >= seq_len:
+            raise SsmdiagError(f"--lengths: a region of {k} tokens is not below half of --seq-len {seq_len}",
+                               hint=f"use lengths below {(seq_len + 1) // 2}, e.g. --lengths {max(1, seq_len // 32)}")
+    return lengths
+
+
+def parse_regions(text: str | None, seq_len: int) -> list[tuple[int, int]]:
+    """`robust --regions`: 'A:B,...' -> [(A, B), ...] half-open token ranges (negative counts from the end)."""
+    if text is None or not str(text).strip():
+        return []
+    out = []
+    for part in (p.strip() for p in str(text).split(",")):
+        bounds = part.split(":")
+        try:
+            if len(bounds) != 2:
+                raise ValueError
+            a, b = (int(x) + (seq_len if int(x) < 0 else 0) for x in bounds)
+        except ValueError:
+            raise SsmdiagError(f"--regions item '{part}' is not of the form A:B",
+                               hint="give token ranges, e.g. --regions 256:288,480:512") from None
+        if not 0 <= a < b <= seq_len:
+            raise SsmdiagError(f"--regions item '{part}' is not a non-empty range inside 0:{seq_len}",
+                               hint=f"use 0 <= A < B <= --seq-len {seq_len}")
+        out.append((a, b))
+    return out
