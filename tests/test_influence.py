@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from ssmdiag.adapters import get_adapter
 from ssmdiag.errors import SsmdiagError
 from ssmdiag.metrics.hidden_attention import hidden_attention_map, hidden_attention_ref, hidden_attention_row
-from ssmdiag.metrics.influence import (compute_influence, influence_rows, per_layer_rows,
+from ssmdiag.metrics.influence import (compute_influence, influence_rows, measure_bound, per_layer_rows,
                                        prepare_for_gradients, summarize_influence, summarize_layers)
-from ssmdiag.metrics.influence_fit import fit_decay, near_share
+from ssmdiag.metrics.influence_fit import DECAYS, NO_DECAY, R2_MIN, band_ranges, fit_bands, fit_decay, near_share
+from ssmdiag.metrics.spectrum import slowest_channel_rates, summarize_bound
 from ssmdiag.parse import parse_fit_range, parse_targets
 from tinymodels import make_model
 
@@ -212,3 +213,69 @@ def test_per_layer_rows_on_mamba2_are_finite_and_causal():
     rows = per_layer_rows(model, get_adapter(model), ids, [10, 19])  # (layers, samples, T, l)
     assert rows.shape == (2, 1, 2, 20) and np.isfinite(rows).all()
     assert (rows[:, :, 0, 11:] == 0).all() and (rows[:, :, 0, :11] > 0).all()
+
+
+# --- verdicts, bands, the Ā bound (known answers) ----------------------------------------------------
+def test_flat_curve_gets_no_exponential_decay_and_no_half_life():
+    """Flat noisy influence with a rise at the far end (the trained transformer's shape): no verdict of decay."""
+    rng = np.random.default_rng(0)
+    L = 200
+    rows = 10 ** (rng.normal(0.0, 0.3, size=(4, 1, L)))  # flat in distance, noisy
+    rows[:, 0, :12] *= 10.0  # far-end rise: the first sources (largest distances) weigh more
+    summary, _ = summarize_influence(rows, [L - 1], parse_fit_range(None, L - 1))
+    assert summary.fit.verdict == NO_DECAY and summary.fit.half_life is None
+    assert summary.fit.decay_rate_ci95 is not None  # the numbers stay beside the verdict
+    exact = fit_decay(-0.01 * np.arange(100) + rng.normal(0, 1e-3, 100), (4, 95))
+    assert exact.verdict == DECAYS and exact.half_life is not None and exact.ci_method == "ols"
+
+
+def test_verdict_needs_the_interval_above_zero_and_r2():
+    d = np.arange(100.0)
+    noisy = -0.001 * d + np.random.default_rng(1).normal(0, 0.5, 100)  # a tilt inside the noise: R² tiny
+    fit = fit_decay(noisy, (4, 95))
+    assert fit.r2 < R2_MIN and fit.verdict == NO_DECAY and fit.half_life is None
+    rising = fit_decay(0.01 * d, (4, 95))
+    assert rising.decay_rate < 0 and rising.verdict == NO_DECAY
+
+
+def test_two_rate_mixture_shows_both_rates_in_the_bands():
+    """I(d) = exp(-0.1 d) + 2e-3·exp(-0.01 d): near distances fall at ~0.1, far ones at 0.01 per token."""
+    d = np.arange(200.0)
+    y = np.log10(np.exp(-0.1 * d) + 2e-3 * np.exp(-0.01 * d))
+    window = (4, 190)
+    bands = {b.band: b for b in fit_bands(y, window)}
+    assert band_ranges(window) == [(4, 66), (66, 128), (128, 190)]
+    assert bands["near"].decay_rate == pytest.approx(0.1, rel=0.3)
+    assert bands["far"].decay_rate == pytest.approx(0.01, rel=0.02)
+    single = fit_decay(y, window)
+    assert bands["far"].decay_rate < single.decay_rate < bands["near"].decay_rate
+
+
+def test_fits_only_use_distances_every_target_reaches():
+    """Targets 19 and 39: beyond distance 19 only one target contributes; the fit window stops at 19."""
+    rows = np.ones((2, 2, 40))
+    rows[:, 1, :10] = 1e3  # the far-away sources of the last target only: a step the fit must not see
+    summary, _ = summarize_influence(rows, [19, 39], parse_fit_range(None, 19))
+    assert summary.common_distance == 19 and summary.fit.fit_hi <= 19
+    assert all(b.fit_hi <= 19 for b in summary.bands)
+    assert summary.fit.verdict == NO_DECAY and abs(summary.fit.decay_rate) < 1e-9
+
+
+def test_bound_of_a_constant_abar_model_is_its_rate_and_holds():
+    model = lti_mamba(0.0, 0.1)  # Ā = exp(-0.1) on every channel
+    fit, _ = _rate(model)
+    ids = torch.randint(0, 384, (2, 48), generator=torch.Generator().manual_seed(0))
+    far = fit_decay([fit.intercept_log10 + fit.log10_slope * i for i in range(48)], (30, 43))
+    bound = measure_bound(model, get_adapter(model), ids, far)
+    assert bound.layer_rate[0] == pytest.approx(0.1, rel=1e-3)
+    assert bound.end_to_end_rate == pytest.approx(0.1, rel=1e-3) and bound.consistent
+    assert fit.decay_rate == pytest.approx(bound.end_to_end_rate, rel=0.05)
+
+
+def test_bound_is_the_slowest_channel_and_flags_a_violation():
+    A = -torch.tensor([[1.0, 2.0], [0.5, 4.0]])  # (d, n)
+    rigorous, mean = slowest_channel_rates(torch.tensor([0.2, 0.1]), torch.tensor([0.4, 0.3]), A)
+    assert rigorous == pytest.approx(0.05) and mean == pytest.approx(0.15)  # channel (1, 0): 0.5·Δ
+    slow = fit_decay(-0.001 * np.arange(100), (50, 95))  # rate 0.0023 < 0.05: faster forgetting is promised
+    res = summarize_bound([0, 1], [0.05, 0.2], [0.15, 0.3], slow)
+    assert res.end_to_end_rate == 0.05 and res.consistent is False

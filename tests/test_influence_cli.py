@@ -44,6 +44,16 @@ def test_single_model_writes_curves_fit_and_plot(tiny_mamba_dir, tmp_path):
     assert model["summary"]["fit"]["decay_rate"] is not None and len(model["per_layer"]) == 2
     assert doc["config"]["targets"] == [12, 23] and doc["metrics"]["ratio"] is None
     assert "influence decay" in result.output
+    summary = model["summary"]  # fits stay where both targets contribute: distances <= 12
+    assert summary["common_distance"] == 12 and summary["fit"]["fit_hi"] <= 12
+    assert all(b["fit_hi"] <= 12 for b in summary["bands"]) and {b["band"] for b in summary["bands"]} <= {
+        "near", "middle", "far"}
+    assert summary["fit"]["verdict"] in ("decays", "no exponential decay")
+    assert (summary["fit"]["half_life"] is None) == (summary["fit"]["verdict"] != "decays")
+    assert any("every target reaches" in n for n in doc["notes"])
+    bound = model["bound"]  # an SSM: the slowest channel's rate per layer, and the stack's bound
+    assert len(bound["layer_rate"]) == 2 and bound["end_to_end_rate"] == min(bound["layer_rate"]) >= 0
+    assert all(m >= r for m, r in zip(bound["layer_rate_mean_delta"], bound["layer_rate"]))
 
 
 def test_two_models_share_inputs_and_draw_the_ratio(tiny_mamba_dir, tiny_gpt_neox_dir, tmp_path):
@@ -55,6 +65,7 @@ def test_two_models_share_inputs_and_draw_the_ratio(tiny_mamba_dir, tiny_gpt_neo
     assert "shared by all models" in doc["metrics"]["inputs"]
     ratio = doc["metrics"]["ratio"]
     assert len(ratio["curve"]["mean_log10"]) == 24 and ratio["fit"]["r2"] is not None
+    assert ratio["fit"]["verdict"] and doc["metrics"]["models"][1]["bound"] is None  # no Ā in a transformer
     assert json.loads(result.stdout)["command"] == "influence"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 
 from ssmdiag.cli import app
 from ssmdiag.jobs import needle as needle_job
+from ssmdiag.plots import needle as needle_plots
 
 GRID = ["--lengths", "200,320", "--depths", "3", "--max-new-tokens", "3", "--prefill-chunk", "64"]
 SAME = ("key", "length", "depth", "accuracy", "depth_actual")
@@ -47,6 +49,30 @@ def assert_same_cells(a: list[dict], b: list[dict]) -> None:
             assert (s["logp_diff"] is None) == (t["logp_diff"] is None)
 
 
+def assert_heatmap_matches_table(metrics: dict, lengths: list[int]) -> None:
+    """The heatmap's rows are the table's actual-depth bands: the same accuracy in every (band, length)."""
+    acc, asked = needle_plots.band_grid(metrics["cells"], lengths, "match")
+    for j, n in enumerate(lengths):
+        for i, band in enumerate(metrics["summary"]["by_length_band"][str(n)]):
+            if band["n"] == 0:
+                assert math.isnan(acc[i, j])  # the table's "—" is the heatmap's "—"
+            else:
+                assert acc[i, j] == pytest.approx(band["accuracy"])
+    requested = {c["depth"] for c in metrics["cells"]}
+    assert set().union(*map(set, asked)) == requested
+
+
+def test_heatmap_bands_and_label_colours():
+    from ssmdiag.metrics.needle import DEPTH_BANDS, band_of
+
+    assert needle_plots.DEPTH_BANDS == DEPTH_BANDS
+    assert all(needle_plots.band_of(d) == band_of(d) for d in (0, 19.9, 20, 55, 99.9, 100))
+    assert needle_plots.text_colour((0.4, 0.0, 0.05, 1.0)) == "white"  # dark red (RdBu's end)
+    assert needle_plots.text_colour((0.0, 0.1, 0.4, 1.0)) == "white"  # dark blue
+    assert needle_plots.text_colour((0.95, 0.95, 0.95, 1.0)) == "black"
+    assert needle_plots.text_colour((0.92, 0.72, 0.22, 1.0)) == "black"  # the accuracy map's yellow
+
+
 def test_end_to_end_mamba(tiny_mamba_dir, tmp_path):
     doc = run_ok(tiny_mamba_dir, *GRID, "--samples", "2", "--out", tmp_path)
     run_dir = Path(doc["run_dir"])
@@ -68,6 +94,7 @@ def test_end_to_end_mamba(tiny_mamba_dir, tmp_path):
             assert isinstance(s["generation"], str) and s["logp_diff"] is not None
     reuse = metrics["reuse"]
     assert reuse["reused_tokens"] > 0 and reuse["computed_tokens"] + reuse["reused_tokens"] == 6 * 2 * 260
+    assert_heatmap_matches_table(metrics, [200, 320])
     table = invoke(tiny_mamba_dir, *GRID, "--out", tmp_path, "--quiet")
     assert table.exit_code == 0 and "needle accuracy by length and depth" in table.stdout
 

@@ -235,6 +235,11 @@ def test_cli_one_ssm_model(tiny_mamba_dir, tmp_path):
     assert len(m["layers"]) == 2 and m["samples"] == 2 and m["exact"] and m["pairs"] == 32 * 31 // 2
     assert doc["config"]["pair_mode"] == "exact"
     assert (path.parent / "sharpness.png").is_file()
+    assert m["headline_metric"] == "scale_free" and len(m["norm_free_slope_samples"]) == 2
+    assert m["norm_free_slope"] == pytest.approx(sum(m["norm_free_slope_samples"]) / 2)
+    lo, hi = m["norm_free_slope_ci95"]
+    assert lo <= m["norm_free_slope"] <= hi and doc["metrics"]["comparisons"] == []
+    assert "norm-free slope" in r.stdout
     if m["states_note"] is None:
         assert m["layers"][0]["states"]["mean"] > 0 and m["ratio_mean"] is not None
         assert (path.parent / "abar_spectrum.png").is_file() and m["spectrum"]["layers"]
@@ -258,6 +263,9 @@ def test_cli_two_models_of_different_depth(tiny_mamba_dir, neox3_dir, tmp_path):
     assert a["pairs"] == 100 and not a["exact"] and doc["config"]["pair_mode"] == "sampled"
     assert b["spectrum"] is None and b["metric"] == "scale_free"
     assert (path.parent / "sharpness.png").is_file()
+    (cmp,) = doc["metrics"]["comparisons"]  # one sample each: a difference, no interval, no verdict
+    assert cmp["difference"] == pytest.approx(a["norm_free_slope"] - b["norm_free_slope"])
+    assert cmp["ci95"] is None and cmp["verdict"] == "no detectable difference"
 
 
 def test_cli_text_input(tiny_mamba_dir, tmp_path):

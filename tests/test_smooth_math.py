@@ -9,6 +9,7 @@ import torch
 
 from ssmdiag.metrics import sharpness as sh
 from ssmdiag.metrics.sharpness import compute_sharpness, depth_slope, sharpness_ref
+from ssmdiag.metrics.smoothing import compare_slopes, mean_interval, norm_free_slopes
 from ssmdiag.metrics.spectrum import abar_extrema_ref, summarize_spectrum
 
 
@@ -147,3 +148,45 @@ def test_spectrum_shares_and_curve():
     for h in (200.0, 2.5, 1.25, 1000.0):
         i = max(k for k, e in enumerate(edges) if e <= h)
         assert spec.horizon_counts[i] >= 1
+
+
+# --- the norm-free headline ---------------------------------------------------------------------------------
+def test_norm_growth_without_direction_collapse_has_zero_norm_free_slope():
+    """Layer l = 1.5^l · (X rotated by a random orthogonal Q_l): norms grow, directions never collapse. The mean
+    distance grows by ln 1.5 per layer; the norm-free slope is 0 in every sample."""
+    gen = torch.Generator().manual_seed(0)
+    layers, samples = 8, 3
+    values = [[None] * samples for _ in range(layers)]  # [layer][sample] scale-free sharpness
+    mean_dist = [[None] * samples for _ in range(layers)]
+    for s in range(samples):
+        x = torch.randn(40, 16, generator=gen, dtype=torch.float64)
+        for layer in range(layers):
+            q, _ = torch.linalg.qr(torch.randn(16, 16, generator=gen, dtype=torch.float64))
+            y = 1.5**layer * x @ q
+            sh_ = compute_sharpness(y)
+            values[layer][s], mean_dist[layer][s] = sh_.scale_free, sh_.mean
+    assert depth_slope([mean_dist[i][0] for i in range(layers)]) == pytest.approx(math.log(1.5), rel=1e-9)
+    slope, ci, per_sample = norm_free_slopes(values)
+    assert abs(slope) < 1e-9 and all(abs(v) < 1e-9 for v in per_sample)
+    assert ci[0] <= 0 <= ci[1]
+
+
+def test_collapsing_directions_give_a_negative_norm_free_slope():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 8, generator=gen, dtype=torch.float64)
+    common = torch.randn(8, generator=gen, dtype=torch.float64) * 10
+    values = [[compute_sharpness(common + 0.7**layer * x).scale_free] for layer in range(6)]  # one sample
+    slope, ci, _ = norm_free_slopes(values)
+    assert slope < -0.2 and ci is None
+
+
+def test_mean_interval_and_welch_comparison_known_answers():
+    m, (_lo, hi) = mean_interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(4.303 / math.sqrt(3), rel=1e-4)
+    from types import SimpleNamespace as NS
+    a = NS(norm_free_slope=-0.03, norm_free_slope_samples=[-0.031, -0.030, -0.029])
+    b = NS(norm_free_slope=0.0, norm_free_slope_samples=[-0.001, 0.0, 0.001])
+    cmp = compare_slopes(("mamba", a), ("pythia", b))
+    assert cmp.difference == pytest.approx(-0.03) and cmp.ci95[1] < 0 and cmp.verdict == "mamba smooths faster"
+    same = compare_slopes(("x", b), ("y", b))
+    assert same.ci95[0] < 0 < same.ci95[1] and same.verdict == "no detectable difference"

@@ -1,10 +1,8 @@
-"""What commands report besides the result JSON: their stdout tables, and the notes smooth adds to a run.
-
-Results in, rich tables and sentences out: no computation here beyond formatting.
-"""
+"""Stdout tables and smooth's notes: results in, rich tables and sentences out; no computation beyond formatting."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -15,55 +13,61 @@ from .. import console
 f = console.fmt
 
 
+def _pct(v: Any) -> str:
+    return "—" if v is None or math.isnan(v) else f"{100 * v:+.2f}%"
+
+
+def _ci(ci: Any, fmt=lambda v: f(v, 3)) -> str:
+    return "—" if ci is None else f"{fmt(ci[0])} – {fmt(ci[1])}"
+
+
+def _influence_row(name: str, s: Any, r: Any = None) -> tuple:
+    """Verdict, rate and interval, half-life (decays only), R², near / far band rates (* = decays there), bound."""
+    bands = {b.band: f(b.decay_rate, 3) + ("*" if b.verdict == "decays" else "") for b in s.bands}
+    b = r.bound if r is not None else None  # the stack's far rate must reach the slowest channel's (Thm 3.1)
+    bound = "—" if b is None else f"≥ {f(b.end_to_end_rate, 3)}" + {None: "", True: " ok", False: " VIOLATED"}[
+        b.consistent]
+    return (name, s.fit.verdict, f(s.fit.decay_rate, 3), _ci(s.fit.decay_rate_ci95), f(s.fit.half_life, 3),
+            f(s.fit.r2, 3), bands.get("near", "—"), bands.get("far", "—"), bound, f(s.near10_share, 3),
+            f"{r.seconds:.1f} s" if r is not None else "", r.backend if r is not None else "")
+
+
 def influence_tables(results: list[Any], ratio: Any, path: Path) -> list[Table]:
-    """Decay rate, half-life and fit quality per model (and the ratio of two), then per-layer decay if measured.
+    """One row per model (and the ratio of two), then per-layer decay if measured.
 
-    Args:
-        results: metrics.influence.ModelInfluence per model.
-        ratio: the InfluenceSummary of log10(I_a / I_b) for two models, or None.
-        path: the run folder (named in the title).
+    Args: ModelInfluence per model; the InfluenceSummary of log10(I_a / I_b) or None; the run folder (in the title).
     """
-    rows = [(r.name, f(r.summary.fit.decay_rate), f(r.summary.fit.half_life, 3), f(r.summary.fit.r2, 3),
-             f(r.summary.near10_share, 3), r.tokens, r.samples, f"{r.seconds:.1f} s", r.backend) for r in results]
-    if ratio is not None:
-        rows.append((f"ratio {results[0].name}/{results[1].name}", f(ratio.fit.decay_rate),
-                     f(ratio.fit.half_life, 3), f(ratio.fit.r2, 3), "—", "", "", "", ""))
-    cols = ["model", "rate/token", "half-life", "R²", "near-10%", "tokens", "samples", "wall", "backend"]
-    tables = [console.table(f"influence decay (rate in ln units per token) → {path}", cols, rows)]
-    for r in results:
-        if r.per_layer:
-            tables.append(console.table(f"{r.name}: closed-form decay per layer",
-                                        ["layer", "rate/token", "half-life", "R²"],
-                                        [(ld.layer, f(ld.decay_rate), f(ld.half_life, 3), f(ld.r2, 3))
-                                         for ld in r.per_layer]))
-    return tables
+    rows = [_influence_row(r.name, r.summary, r) for r in results]
+    rows += [_influence_row(f"ratio {results[0].name}/{results[1].name}", ratio)] if ratio is not None else []
+    cols = ["model", "verdict", "rate/token", "95% CI", "half-life", "R²", "near", "far", "bound (Ā)", "near-10%",
+            "wall", "backend"]
+    title = (f"influence decay (rates in ln units per token; near / far: first / last third of the fit window, "
+             f"* = decays there; bound: slowest Ā channel, far rate must be ≥) → {path}")
+    return [console.table(title, cols, rows)] + [console.table(
+        f"{r.name}: closed-form decay per layer", ["layer", "verdict", "rate/token", "half-life", "R²"],
+        [(ld.layer, ld.verdict, f(ld.decay_rate), f(ld.half_life, 3), f(ld.r2, 3)) for ld in r.per_layer])
+        for r in results if r.per_layer]
 
 
-def smooth_table(results: list[tuple[str, Any]], metric: str) -> Table:
-    """First/last block-output sharpness and its slope, state ratios and the Ā spectrum shares, one row per model.
-
-    Args:
-        results: (model name, metrics.smoothing.SmoothingResult) per model.
-        metric: the --metric spelling, for the title.
-    """
-    rows = []
-    for name, r in results:
-        s = r.spectrum
-        rows.append((name, len(r.layers), f(r.block_output_first, 3), f(r.block_output_last, 3),
-                     f(r.block_output_slope, 3), f(r.ratio_mean, 3), f(r.ratio_le1_layers, 3),
-                     f(s.near_zero, 3) if s else None, f(s.near_one, 3) if s else None, f(s.both, 3) if s else None))
-    cols = ["model", "layers", "first", "last", "slope", "ratio", "ratio≤1", "Ā<.01", "Ā>.99", "both"]
-    title = (f"block-output sharpness ({metric}): first/last layer, slope of ln per layer; state/mixer-input "
-             "ratio (mean over layers) and share of layers ≤ 1; share of Ā channels reaching <0.01, >0.99, both")
+def smooth_table(results: list[tuple[str, Any]], metric: str, comparisons: list[Any] | None = None) -> Table:
+    """Norm-free headline per model (and the first model against each other), then the --metric's slope, state
+    ratios and Ā shares. Args: (name, SmoothingResult) per model; the --metric spelling; SlopeComparisons."""
+    rows = [(n, len(r.layers), _pct(r.norm_free_slope), _ci(r.norm_free_slope_ci95, _pct),
+             f"{f(r.norm_free_first, 3)} → {f(r.norm_free_last, 3)}", f(r.block_output_slope, 3), f(r.ratio_mean, 3),
+             f(r.ratio_le1_layers, 3), *((f(r.spectrum.near_zero, 3), f(r.spectrum.near_one, 3),
+                                          f(r.spectrum.both, 3)) if r.spectrum else ("—",) * 3)) for n, r in results]
+    rows += [(f"{c.first} − {c.second}", "", _pct(c.difference), _ci(c.ci95, _pct), c.verdict, *[""] * 6)
+             for c in comparisons or []]
+    cols = ["model", "layers", "norm-free slope", "95% CI", "scale-free first → last", f"{metric} slope", "ratio",
+            "ratio≤1", "Ā<.01", "Ā>.99", "both"]
+    title = ("over-smoothing headline: change per layer of the block outputs' scale-free sharpness (mean distance / "
+             f"mean norm; < 0 = smoothing), 95% interval across samples; then the {metric} sharpness slope of ln per "
+             "layer (mean, max: includes norm growth), state/mixer-input ratio, share ≤ 1, Ā channel shares")
     return console.table(title, cols, rows)
 
 
 def smooth_notes(m: Any, res: Any, spectrum: bool | None) -> list[str]:
-    """Notes on what one model's smoothing measurement did other than asked.
-
-    Args:
-        m: the LoadedModel. res: its metrics.smoothing.SmoothingResult. spectrum: the --spectrum flag (None: default).
-    """
+    """Notes on what one model's smoothing did other than asked (m: LoadedModel, res: SmoothingResult, --spectrum)."""
     notes = []
     if spectrum and not m.adapter.is_ssm:
         notes.append(f"--spectrum skipped for {m.name}: not an SSM ({m.family})")
@@ -79,10 +83,7 @@ def smooth_notes(m: Any, res: Any, spectrum: bool | None) -> list[str]:
 def info_tables(title: str, summary: Any, doc: dict[str, Any]) -> list[Table]:
     """The checkpoint's properties, then A and Ā per SSM layer.
 
-    Args:
-        title: the model spec as given.
-        summary: metrics.summary.ModelSummary.
-        doc: the info result (dtype, device, backend, tokenizer as reported).
+    Args: title: the model spec as given. summary: metrics.summary.ModelSummary. doc: the info result.
     """
     rows = [("family", summary.family), ("parameters", f"{summary.parameters:,}"), ("layers", summary.layers),
             ("hidden size", summary.hidden_size), ("d_inner", summary.d_inner), ("d_state", summary.d_state),

@@ -47,7 +47,7 @@ def main(
     check_seq_len(seq_len, [])
     target_list = parse_targets(targets, seq_len)
     cfg = InfluenceConfig(seq_len=seq_len, samples=samples, targets=target_list, estimator=estimator.value,
-                          probes=probes, output=output.value, fit_range=parse_fit_range(fit_range, max(target_list)),
+                          probes=probes, output=output.value, fit_range=parse_fit_range(fit_range, min(target_list)),
                           statistic=aggregate.value, grad_dtype=grad_dtype.value, per_layer=per_layer, seed=seed)
     loaded = load_models(models, LoadOptions(init=init.value, dtype=dtype.value, device=device, device_map=device_map,
                                              tokenizer=tokenizer, seed=seed, trust_remote_code=trust_remote_code,
@@ -57,7 +57,9 @@ def main(
     inputs, inputs_note = token_inputs([m.adapter.embedding().num_embeddings for m in loaded], tokenizers, text,
                                        seq_len, samples, seed)
     run = start_run(out, "influence", loaded, config={**vars(cfg), "inputs": inputs_note}, seed=seed)
-    results, logvals = [], []
+    if len(set(target_list)) > 1:  # beyond the nearest target's reach the curve averages fewer targets
+        console.note(run, f"fits use distances ≤ {min(target_list)}, which every target reaches")
+    results, logvals, common = [], [], min(target_list)
     for m, ids in zip(loaded, inputs):
         if per_layer and not m.adapter.is_ssm:
             console.note(run, f"--per-layer skipped for {m.name}: no SSM layers ({m.family})")
@@ -66,12 +68,13 @@ def main(
         if upcast:
             console.note(run, f"{m.name}: {upcast}")
         results.append(res), logvals.append(lv)
-    ratio = summarize_ratio(logvals[0], logvals[1], cfg.fit_range, cfg.statistic, seed) if len(loaded) == 2 else None
+    ratio = summarize_ratio(*logvals, cfg.fit_range, cfg.statistic, seed, common) if len(loaded) == 2 else None
     title = f"{estimator.value} influence, {seq_len} tokens, {samples} sample(s), targets {targets}"
-    plot_influence(run.add_plot("influence.png"), [(r.name, r.summary) for r in results], title)
+    plot_influence(run.add_plot("influence.png"), [(r.name, r.summary, r.bound) for r in results], title)
     if ratio is not None:
         plot_ratio(run.add_plot("ratio.png"), results[0].name, results[1].name, ratio)
     if any(r.per_layer for r in results):
-        plot_per_layer(run.add_plot("per_layer.png"), [(r.name, r.per_layer) for r in results if r.per_layer])
+        plot_per_layer(run.add_plot("per_layer.png"), [(r.name, r.per_layer) for r in results if r.per_layer],
+                       [r.bound for r in results if r.per_layer])
     doc = run.finish({"models": results, "ratio": ratio, "inputs": inputs_note}, backend=results[0].backend)
     console.emit(doc, influence_tables(results, ratio, run.path), as_json=as_json)

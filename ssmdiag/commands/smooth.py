@@ -11,7 +11,7 @@ from ..data.inputs import check_seq_len, token_inputs
 from ..loading import LoadOptions, require_tokenizer
 from ._load import load_models
 from ..metrics.sharpness import total_pairs
-from ..metrics.smoothing import EXACT_MAX_TOKENS, choose_pairs, measure_smoothing
+from ..metrics.smoothing import EXACT_MAX_TOKENS, choose_pairs, compare_slopes, measure_smoothing
 from ..options import (DEFAULT_OUT, Backend, BackendOpt, DeviceOpt, Dtype, DtypeOpt, Init, InitOpt, JsonOpt, Metric,
                        ModelsArg, OutOpt, QuietOpt, SamplesOpt, SeedOpt, SeqLenOpt, TextOpt, TokenizerOpt,
                        TrustRemoteCodeOpt)
@@ -63,8 +63,9 @@ def main(
         plot_sharpness(results, run.add_plot("sharpness.png"))
         if any(r.spectrum for _, r in results):
             plot_spectrum(results, run.add_plot("abar_spectrum.png"))
-    doc = run.finish({"models": [{"name": n, **vars(r)} for n, r in results]},
+    comparisons = [compare_slopes(results[0], other) for other in results[1:]]
+    doc = run.finish({"models": [{"name": n, **vars(r)} for n, r in results], "comparisons": comparisons},
                      backend=",".join(sorted({m.backend for m in loaded})))
     console.log(f"wrote {run.path}")
-    console.emit(doc, [smooth_table(results, metric.value)], as_json=as_json)
+    console.emit(doc, [smooth_table(results, metric.value, comparisons)], as_json=as_json)
 

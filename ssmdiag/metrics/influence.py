@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from ..errors import SsmdiagError
-from .influence_fit import (DecayFit, InfluenceCurve, aggregate_curve, bootstrap_curves, fit_decay, near_share,
-                            rows_by_distance)
+from .influence_fit import (DecayFit, InfluenceCurve, aggregate_curve, bootstrap_curves, common_distance, fit_bands,
+                            fit_decay, near_share, rows_by_distance)
+from .spectrum import DecayBound, slowest_channel_rates, summarize_bound
 
 @dataclass
 class InfluenceSummary:
@@ -37,6 +38,8 @@ class InfluenceSummary:
     fit: DecayFit
     near10_share: float | None = None  # share of influence on the nearest 10% of sources (linear scale)
     zero_entries: int = 0  # influences that were exactly 0 (floored before log10)
+    bands: list[DecayFit] = field(default_factory=list)  # near / middle / far fits of the same window
+    common_distance: int | None = None  # every target reaches distances <= this; the fit window stays below it
 
 
 @dataclass
@@ -49,6 +52,7 @@ class LayerDecay:
     half_life: float | None
     r2: float
     curve_log10: list[float] = field(default_factory=list)
+    verdict: str = ""
 
 
 @dataclass
@@ -91,6 +95,7 @@ class ModelInfluence:
     seconds_per_sample: float
     per_layer: list[LayerDecay] | None = None
     per_layer_seconds: float | None = None
+    bound: DecayBound | None = None  # SSMs: the slowest channel's rate from the measured Ā (Thm 3.1)
 
 
 def make_forward(adapter, output: str = "hidden") -> Callable[[torch.Tensor], torch.Tensor]:
@@ -204,8 +209,8 @@ def compute_influence(adapter, ids: torch.Tensor, targets: list[int], estimator:
 
 
 def summarize_logvals(logvals: np.ndarray, fit_range: tuple[int, int], statistic: str = "mean",
-                      seed: int = 0) -> tuple[InfluenceCurve, DecayFit]:
-    """Curve with bootstrap band, and the decay fit (with a bootstrap CI on the rate) of log10 rows by distance.
+                      seed: int = 0) -> tuple[InfluenceCurve, DecayFit, list[DecayFit]]:
+    """Curve with bootstrap band, the decay fit of the window and of its near / middle / far bands.
 
     Args:
         logvals: (rows, distances) log10 influence by distance (rows_by_distance).
@@ -213,7 +218,8 @@ def summarize_logvals(logvals: np.ndarray, fit_range: tuple[int, int], statistic
     """
     boots = bootstrap_curves(logvals, statistic, seed)
     curve = aggregate_curve(logvals, statistic, seed, boots=boots)
-    return curve, fit_decay(curve.values(), fit_range, boots=boots)
+    values = curve.values()
+    return curve, fit_decay(values, fit_range, boots=boots), fit_bands(values, fit_range, boots=boots)
 
 
 def summarize_influence(rows: np.ndarray, targets: list[int], fit_range: tuple[int, int], statistic: str = "mean",
@@ -225,20 +231,22 @@ def summarize_influence(rows: np.ndarray, targets: list[int], fit_range: tuple[i
         fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
     """
     logvals, zeros = rows_by_distance(rows, targets)
-    curve, fit = summarize_logvals(logvals, fit_range, statistic, seed)
-    return InfluenceSummary(curve=curve, fit=fit, near10_share=near_share(rows, targets), zero_entries=zeros), logvals
+    curve, fit, bands = summarize_logvals(logvals, fit_range, statistic, seed)
+    return InfluenceSummary(curve=curve, fit=fit, near10_share=near_share(rows, targets), zero_entries=zeros,
+                            bands=bands, common_distance=common_distance(targets)), logvals
 
 
 def summarize_ratio(logvals_a: np.ndarray, logvals_b: np.ndarray, fit_range: tuple[int, int],
-                    statistic: str = "mean", seed: int = 0) -> InfluenceSummary:
+                    statistic: str = "mean", seed: int = 0, common: int | None = None) -> InfluenceSummary:
     """log10(I_a / I_b) per distance, paired row by row (same inputs), with its exponential fit (paper Fig. 7b).
 
     Args:
         logvals_a, logvals_b: (rows, distances) log10 influence of two models on the same inputs.
         fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
+        common: the largest distance every target reaches (stored with the result).
     """
-    curve, fit = summarize_logvals(logvals_a - logvals_b, fit_range, statistic, seed)
-    return InfluenceSummary(curve=curve, fit=fit)
+    curve, fit, bands = summarize_logvals(logvals_a - logvals_b, fit_range, statistic, seed)
+    return InfluenceSummary(curve=curve, fit=fit, bands=bands, common_distance=common)
 
 
 def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: list[int]) -> np.ndarray:
@@ -280,8 +288,40 @@ def summarize_layers(layer_rows: np.ndarray, targets: list[int], fit_range: tupl
         summary, _ = summarize_influence(rows, targets, fit_range, statistic, seed)
         result.append(LayerDecay(layer=layer, decay_rate=summary.fit.decay_rate,
                                  decay_rate_ci95=summary.fit.decay_rate_ci95, half_life=summary.fit.half_life,
-                                 r2=summary.fit.r2, curve_log10=summary.curve.values()))
+                                 r2=summary.fit.r2, curve_log10=summary.curve.values(), verdict=summary.fit.verdict))
     return result
+
+
+def measure_bound(model: torch.nn.Module, adapter, ids: torch.Tensor, observed: DecayFit | None) -> DecayBound:
+    """The slowest channel's decay rate per SSM layer from Δ measured on `ids`, against the observed far rate.
+
+    One recorded forward per sample (ssmdiag.kernels.mixer.record, params=True); Δ is taken over every token
+    of every sample (paper Thm 3.1; see spectrum.summarize_bound for what the bound says).
+
+    Args:
+        model: an SSM. adapter: its Adapter. ids: (samples, l) token ids. observed: the far-band fit, or None.
+    """
+    from ..kernels.mixer import record
+
+    adapter._require_ssm()
+    device = adapter.embedding().weight.device
+    lo: dict[int, torch.Tensor] = {}
+    total: dict[int, torch.Tensor] = {}
+    count = 0
+    A: dict[int, torch.Tensor] = {}
+    for i in range(ids.shape[0]):
+        with torch.no_grad(), record(model, params=True) as rec:
+            adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
+        for layer, lr in rec.layers.items():
+            delta = lr.delta.detach().double().cpu().flatten(0, 1)  # (b·l, d) | (b·l, h)
+            dmin, dsum = delta.min(0).values, delta.sum(0)
+            lo[layer] = torch.minimum(lo[layer], dmin) if layer in lo else dmin
+            total[layer] = total[layer] + dsum if layer in total else dsum
+            A[layer] = lr.A.detach().double().cpu()
+        count += ids.shape[1]
+    layers = sorted(lo)
+    rates = [slowest_channel_rates(lo[k], total[k] / count, A[k]) for k in layers]
+    return summarize_bound(layers, [r[0] for r in rates], [r[1] for r in rates], observed)
 
 
 def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
@@ -309,10 +349,13 @@ def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
         layer_rows = per_layer_rows(loaded.model, loaded.adapter, ids, cfg.targets)
         layers = summarize_layers(layer_rows, cfg.targets, cfg.fit_range, cfg.statistic, cfg.seed)
         layer_seconds = time.perf_counter() - t1
+    far = next((b for b in summary.bands if b.band == "far"), None)
+    bound = measure_bound(loaded.model, loaded.adapter, ids, far) if loaded.adapter.is_ssm else None
     result = ModelInfluence(
         name=loaded.name, spec=loaded.spec, family=loaded.family,
         backend=loaded.backend if loaded.adapter.is_ssm else "n/a (attention)", model_dtype=model_dtype,
         gradient_dtype=grad_dtype, samples=int(ids.shape[0]), tokens=int(ids.shape[1]), summary=summary,
-        seconds=seconds, seconds_per_sample=seconds / ids.shape[0], per_layer=layers, per_layer_seconds=layer_seconds)
+        seconds=seconds, seconds_per_sample=seconds / ids.shape[0], per_layer=layers, per_layer_seconds=layer_seconds,
+        bound=bound)
     return result, logvals, note
 

@@ -9,6 +9,12 @@ Per block, on the same token sequences, the sharpness (ssmdiag.metrics.sharpness
 Theorem 4.2 says an SSM layer's states are no sharper than its input under its assumptions; the state /
 mixer-input ratio per layer and the share of layers where it is ≤ 1 say how far a real checkpoint follows that.
 
+Headline (norm-free): the residual stream's norm grows with depth, so the mean pairwise distance of block outputs
+grows with it even when token directions do not move; the headline is therefore the per-layer slope of
+ln(scale-free sharpness) = ln(mean pairwise distance / mean norm) of the block outputs, computed per sample,
+with a Student-t 95% interval across samples (and between two models, Welch's). Scaling every token of a layer
+by c leaves it unchanged.
+
 Memory: one forward per sample under ssmdiag.kernels.mixer.record; hooks reduce every tensor to numbers as
 soon as it exists, and take each SSM layer's recorded states right after its scan, so only one layer's
 states (l × d_inner × d_state floats) exist at a time.
@@ -17,6 +23,7 @@ states (l × d_inner × d_state floats) exist at a time.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +35,10 @@ from .spectrum import SpectrumResult, summarize_spectrum
 STATE_BUDGET = 4 << 30  # bytes of one layer's states for one sequence (mamba-1.4b at 2048 tokens: 0.5 GiB)
 EXACT_MAX_TOKENS = 4096  # beyond this many tokens, sample pairs unless told otherwise
 DEFAULT_PAIRS = 1_000_000
+HEADLINE = "scale_free"  # the norm-free metric of the headline slope
+# Student-t 0.975 quantiles for 1..30 degrees of freedom (beyond: the normal 1.96 plus a small correction)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 @dataclass
@@ -77,6 +88,80 @@ class SmoothingResult:
     spectrum: SpectrumResult | None = None
     states_note: str | None = None
     state_tokens: int | None = None
+    headline_metric: str = HEADLINE
+    norm_free_slope: float | None = None  # mean over samples of the per-sample slope of ln(scale-free) per layer
+    norm_free_slope_ci95: tuple[float, float] | None = None  # Student-t across samples; None with one sample
+    norm_free_slope_samples: list[float] = field(default_factory=list)
+    norm_free_first: float | None = None  # block-output scale-free sharpness, first and last layer
+    norm_free_last: float | None = None
+
+
+@dataclass
+class SlopeComparison:
+    """Difference of two models' norm-free slopes (first − second), Welch 95% interval across samples."""
+
+    first: str
+    second: str
+    difference: float
+    ci95: tuple[float, float] | None
+    verdict: str  # "first smooths faster" | "second smooths faster" | "no detectable difference"
+
+
+def t975(df: float) -> float:
+    """The Student-t 0.975 quantile for `df` degrees of freedom (rounded down to an integer; df ≥ 1)."""
+    k = max(1, int(math.floor(df)))
+    return T975[k - 1] if k <= len(T975) else 1.96 + 2.4 / k
+
+
+def mean_interval(values: list[float]) -> tuple[float, tuple[float, float] | None]:
+    """Mean and Student-t 95% interval of the mean (None with fewer than 2 finite values).
+
+    Args:
+        values: one number per sample.
+    """
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return float("nan"), None
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return m, None
+    half = t975(len(v) - 1) * math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v))
+    return m, (m - half, m + half)
+
+
+def norm_free_slopes(per_layer_samples: list[list[float]]) -> tuple[float, tuple[float, float] | None, list[float]]:
+    """Per-sample slope of ln(scale-free sharpness) per layer, their mean and Student-t 95% interval.
+
+    Args:
+        per_layer_samples: [layer][sample] block-output scale-free sharpness.
+    """
+    n = len(per_layer_samples[0]) if per_layer_samples else 0
+    slopes = [depth_slope([layer[s] for layer in per_layer_samples]) for s in range(n)]
+    mean, ci = mean_interval(slopes)
+    return mean, ci, slopes
+
+
+def compare_slopes(first: tuple[str, SmoothingResult], second: tuple[str, SmoothingResult]) -> SlopeComparison:
+    """first − second norm-free slope with a Welch 95% interval; a verdict only when the interval excludes 0.
+
+    Args:
+        first, second: (model name, SmoothingResult).
+    """
+    (na, a), (nb, b) = first, second
+    xa = [x for x in a.norm_free_slope_samples if math.isfinite(x)]
+    xb = [x for x in b.norm_free_slope_samples if math.isfinite(x)]
+    diff = a.norm_free_slope - b.norm_free_slope
+    ci = None
+    if len(xa) >= 2 and len(xb) >= 2:
+        va = sum((x - a.norm_free_slope) ** 2 for x in xa) / (len(xa) - 1) / len(xa)
+        vb = sum((x - b.norm_free_slope) ** 2 for x in xb) / (len(xb) - 1) / len(xb)
+        se = math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1)) if se > 0 else len(xa) + len(xb) - 2
+        ci = (diff - t975(df) * se, diff + t975(df) * se)
+    verdict = "no detectable difference"
+    if ci is not None and (ci[0] > 0 or ci[1] < 0):
+        verdict = f"{na} smooths faster" if ci[1] < 0 else f"{nb} smooths faster"  # the lower slope loses more
+    return SlopeComparison(first=na, second=nb, difference=diff, ci95=ci, verdict=verdict)
 
 
 class _Probe:
@@ -217,6 +302,10 @@ def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = 
         ids = sorted(abar_lo)
         spec = summarize_spectrum([abar_lo[i] for i in ids], [abar_hi[i] for i in ids], ids)
     res = _summarize(layers, adapter.family, adapter.is_ssm, metric, input_ids.shape, spec)
+    per_layer = [[v[(i, "block_output")].get(HEADLINE) for v in per_sample] for i in range(len(layers))]
+    res.norm_free_slope, res.norm_free_slope_ci95, res.norm_free_slope_samples = norm_free_slopes(per_layer)
+    res.norm_free_first, res.norm_free_last = (layers[0].block_output.get(HEADLINE),
+                                               layers[-1].block_output.get(HEADLINE))
     if want_states:
         res.state_tokens = seq_len if positions is None else len(positions)
     return res

@@ -17,6 +17,7 @@ import torch
 NEAR_ONE = 0.99
 NEAR_ZERO = 0.01
 THRESHOLDS = [i / 200 for i in range(201)]
+BOUND_REL_TOL = 0.05  # an observed far rate this close below the Ā bound still counts as consistent
 HORIZON_EDGES = [10 ** (i / 4) for i in range(0, 29)]  # 1 … 10^7 tokens, 4 bins per decade; last bin open
 
 
@@ -121,3 +122,65 @@ def summarize_spectrum(abar_min: list[torch.Tensor], abar_max: list[torch.Tensor
         layers=layers, near_one=float(near_one.double().mean()), near_zero=float(near_zero.double().mean()),
         both=float((near_one & near_zero).double().mean()), curve_max=curve_max.tolist(),
         curve_min=curve_min.tolist(), horizon_counts=counts.tolist())
+
+
+@dataclass
+class DecayBound:
+    """The far-distance decay an SSM stack must show, from Δ measured on the run's inputs (paper Thm 3.1).
+
+    In a Mamba layer the state carries token s to token t only through Π_{k=s+1..t} Ā_k ≤ (max_k Ā)^{t−s} per
+    channel, and every other part of a block (conv: w−1 tokens, gates, norms, MLP, residual) spans a bounded
+    distance. So ‖∂y_t/∂x_s‖ ≤ C·poly(t−s)·ρ^{t−s} with ρ the largest Ā of any channel of any layer over every
+    token: the end-to-end rate at large distance is at least −ln ρ = min over layers of `layer_rate`. An
+    observed far rate below it (its whole 95% interval) would contradict the theorem's setting.
+
+    Args:
+        layer_rate[i]: −ln(max over channels and tokens of Ā) of layers[i]: its slowest channel, at its smallest Δ.
+        layer_rate_mean_delta[i]: the slowest channel's rate at its mean Δ over the tokens (Π Ā_k = exp(A·ΣΔ_k),
+            so this is what the channel does over a long span on these inputs; not a bound).
+        end_to_end_rate: min(layer_rate), the bound. end_to_end_rate_mean_delta: min(layer_rate_mean_delta).
+        observed_far_rate, observed_far_ci95, far_range: the far-band fit of the influence curve.
+        consistent: the observed far rate's 95% interval reaches the bound, allowing BOUND_REL_TOL for the finite
+            window and the poly(t−s) factor (None without an observed rate).
+    """
+
+    layers: list[int]
+    layer_rate: list[float]
+    layer_rate_mean_delta: list[float]
+    end_to_end_rate: float
+    end_to_end_rate_mean_delta: float
+    observed_far_rate: float | None = None
+    observed_far_ci95: tuple[float, float] | None = None
+    far_range: tuple[int, int] | None = None
+    consistent: bool | None = None
+
+
+def slowest_channel_rates(delta_min: torch.Tensor, delta_mean: torch.Tensor, A: torch.Tensor) -> tuple[float, float]:
+    """The slowest channel's decay rate per token, −ln(max Ā) = min over channels of min_t Δ·|A|, and the same
+    at each channel's mean Δ.
+
+    Args:
+        delta_min, delta_mean: (d,) Mamba-1 or (h,) Mamba-2, Δ's minimum and mean over batch and time.
+        A: (d, n) Mamba-1 or (h,) Mamba-2, negative.
+    """
+    a = A.double().abs()
+    if a.dim() == 2:
+        return float((delta_min.double()[:, None] * a).min()), float((delta_mean.double()[:, None] * a).min())
+    return float((delta_min.double() * a).min()), float((delta_mean.double() * a).min())
+
+
+def summarize_bound(layers: list[int], rates: list[float], mean_rates: list[float], observed=None) -> DecayBound:
+    """The stack's bound (slowest layer) and whether the observed far-band fit respects it.
+
+    Args:
+        layers: layer indices. rates, mean_rates: per layer, from slowest_channel_rates.
+        observed: the far-band DecayFit of the influence curve (decay_rate, decay_rate_ci95, fit_lo, fit_hi) or None.
+    """
+    res = DecayBound(layers=layers, layer_rate=rates, layer_rate_mean_delta=mean_rates,
+                     end_to_end_rate=min(rates), end_to_end_rate_mean_delta=min(mean_rates))
+    if observed is not None:
+        res.observed_far_rate, res.observed_far_ci95 = observed.decay_rate, observed.decay_rate_ci95
+        res.far_range = (observed.fit_lo, observed.fit_hi)
+        top = observed.decay_rate_ci95[1] if observed.decay_rate_ci95 else observed.decay_rate
+        res.consistent = bool(top >= res.end_to_end_rate * (1.0 - BOUND_REL_TOL))
+    return res

@@ -6,50 +6,96 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
+from matplotlib.colors import LinearSegmentedColormap, Normalize, TwoSlopeNorm
 
 from . import color, new_figure, save_figure
 
 SCORE_CMAP = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
 
 
-def _grid(cells: list[dict[str, Any]], lengths: list[int], depths: list[float], field: str) -> np.ndarray:
-    """(depths, lengths) array of a cell field (NaN where missing)."""
-    index = {(c["length"], c["depth"]): c.get(field) for c in cells}
-    return np.array([[np.nan if index.get((n, d)) is None else index[(n, d)] for n in lengths] for d in depths],
-                    dtype=float)
+# The table's depth bands (metrics.needle.DEPTH_BANDS; plots may not import metrics, a test keeps them equal):
+# the heatmap's rows are the same bands of the needle's ACTUAL depth, so heatmap and table show the same numbers.
+DEPTH_BANDS = ((0, 20), (20, 40), (40, 60), (60, 80), (80, 100))
+
+
+def band_of(depth: float) -> int:
+    """Index of the 20%-wide band of an actual depth (100 goes to the last band), as the table bins."""
+    return min(int(depth // 20), len(DEPTH_BANDS) - 1)
+
+
+def band_grid(cells: list[dict[str, Any]], lengths: list[int], field: str) -> tuple[np.ndarray, list[list[float]]]:
+    """(bands, lengths) mean of a per-sample field over the samples whose actual depth falls in each band (NaN
+    where none does), and per band the requested depths that landed there.
+
+    Args:
+        cells: the grid's cell records with their `samples`. lengths: the columns. field: "match" | "logp_diff".
+    """
+    sums = np.zeros((len(DEPTH_BANDS), len(lengths)))
+    counts = np.zeros_like(sums)
+    asked: list[set[float]] = [set() for _ in DEPTH_BANDS]
+    for c in cells:
+        if c["length"] not in lengths:
+            continue
+        j = lengths.index(c["length"])
+        for smp in c.get("samples", []):
+            i = band_of(smp["depth_actual"])
+            asked[i].add(float(c["depth"]))
+            if smp.get(field) is not None:
+                sums[i, j] += float(smp[field])
+                counts[i, j] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan), [sorted(a) for a in asked]
 
 
 def _length_label(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
-def _draw(ax, values: np.ndarray, lengths, depths, cmap, norm, title: str, fmt: str, label: str, fig) -> None:
+def _band_label(i: int, asked: list[float]) -> str:
+    lo, hi = DEPTH_BANDS[i]
+    shown = ", ".join(f"{d:g}" for d in asked[:4]) + (" …" if len(asked) > 4 else "")
+    return f"{lo}-{hi}%" + (f"\n(asked {shown})" if asked else "\n(none landed)")
+
+
+def text_colour(rgba) -> str:
+    """Black or white, whichever reads better on a cell of colour `rgba` (relative luminance, ITU-R BT.709)."""
+    r, g, b = rgba[:3]
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+
+
+def _draw(ax, values: np.ndarray, lengths, asked, cmap, norm, title: str, fmt: str, label: str, fig) -> None:
     im = ax.imshow(values, cmap=cmap, norm=norm, aspect="auto")
     ax.grid(False)
     ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_yticks(range(len(DEPTH_BANDS)), [_band_label(i, asked[i]) for i in range(len(DEPTH_BANDS))], fontsize=7)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth (% of document)")
+    ax.set_ylabel("needle's actual depth (% of haystack)")
     ax.set_title(title)
-    if values.size <= 150:
-        for (i, j), v in np.ndenumerate(values):
-            if np.isfinite(v):
-                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7)
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7, color=text_colour(im.cmap(im.norm(v))))
+        else:
+            ax.text(j, i, "—", ha="center", va="center", fontsize=7, color="grey")
     fig.colorbar(im, ax=ax, label=label)
 
 
 def plot_heatmap(cells: list[dict[str, Any]], lengths: list[int], depths: list[float], path: Path, title: str) -> Path:
-    """Accuracy per (depth, length) cell, and the log-prob preference when real-world answers exist."""
-    acc = _grid(cells, lengths, depths, "accuracy")
-    diff = _grid(cells, lengths, depths, "logp_diff")
+    """Accuracy per (actual-depth band, length), and the log-prob preference when real-world answers exist.
+
+    Rows are the table's bands of the needle's actual depth (a requested depth lands on a sentence boundary);
+    each row's label lists the requested depths that landed in it, and "—" marks a band no needle reached.
+
+    Args:
+        cells: cell records with samples. lengths: columns. depths: the requested depths (noted per band).
+    """
+    acc, asked = band_grid(cells, lengths, "match")
+    diff, _ = band_grid(cells, lengths, "logp_diff")
     panels = 2 if np.isfinite(diff).any() else 1
-    fig, axes = new_figure(panels, width=max(3.0 + 0.5 * len(lengths), 5.0), height=max(3.0, 0.3 * len(depths) + 2))
-    _draw(axes[0], acc, lengths, depths, SCORE_CMAP, None, f"{title}: accuracy", ".2f", "accuracy", fig)
-    axes[0].images[0].set_clim(0, 1)
+    fig, axes = new_figure(panels, width=max(3.5 + 0.5 * len(lengths), 5.5), height=4.2)
+    _draw(axes[0], acc, lengths, asked, SCORE_CMAP, Normalize(0.0, 1.0), f"{title}: accuracy", ".2f", "accuracy", fig)
     if panels == 2:
         lim = max(float(np.nanmax(np.abs(diff))), 1e-3)
-        _draw(axes[1], diff, lengths, depths, "RdBu", TwoSlopeNorm(0.0, -lim, lim),
+        _draw(axes[1], diff, lengths, asked, "RdBu", TwoSlopeNorm(0.0, -lim, lim),
               "log P(context) − log P(memory)", ".1f", "nats (> 0: follows the context)", fig)
     return save_figure(fig, path)
 

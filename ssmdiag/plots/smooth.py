@@ -27,13 +27,14 @@ def _log_if_wide(ax, values: list[float]) -> None:
 
 
 def plot_sharpness(results: list[tuple[str, object]], path: Path) -> Path:
-    """Three panels: (a) state / mixer-input sharpness ratio per layer, (b) mixer output, (c) block output.
+    """Four panels: (a) state / mixer-input sharpness ratio per layer, (b) mixer output, (c) block output in the
+    --metric, (d) the norm-free headline: block-output scale-free sharpness, its slope and interval in the legend.
 
     Args:
         results: (model name, SmoothingResult) pairs; depths may differ (then depth is normalised).
     """
     normalise, xlabel = _depth_axis(results)
-    fig, (ax_r, ax_m, ax_b) = new_figure(3, width=5.0, height=3.8)
+    fig, (ax_r, ax_m, ax_b, ax_h) = new_figure(4, width=4.1, height=3.7)
     metric = results[0][1].metric
     all_m, all_b = [], []
     for k, (name, res) in enumerate(results):
@@ -51,6 +52,8 @@ def plot_sharpness(results: list[tuple[str, object]], path: Path) -> Path:
         all_b += block
         ax_m.plot(xs, mixer, "o-", ms=3, color=c, label=name)
         ax_b.plot(xs, block, "o-", ms=3, color=c, label=name)
+        ax_h.plot(xs, [la.block_output.get("scale_free") for la in res.layers], "o-", ms=3, color=c,
+                  label=_headline_label(name, res))
     ax_r.axhline(1.0, color="grey", lw=1, ls="--")
     _log_if_wide(ax_r, [r for _, res in results for la in res.layers if la.ratio for r in [la.ratio[metric]]] + [1.0])
     ax_r.set_title("(a) states / mixer input")
@@ -60,10 +63,21 @@ def plot_sharpness(results: list[tuple[str, object]], path: Path) -> Path:
     for ax, vals in ((ax_m, all_m), (ax_b, all_b)):
         ax.set_ylabel(METRIC_LABEL[metric], fontsize=8)
         _log_if_wide(ax, vals)
-    for ax in (ax_r, ax_m, ax_b):
+    ax_h.set_title("(d) block output, norm-free (headline)")
+    ax_h.set_ylabel(METRIC_LABEL["scale_free"], fontsize=8)
+    for ax in (ax_r, ax_m, ax_b, ax_h):
         ax.set_xlabel(xlabel)
         ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def _headline_label(name: str, res) -> str:
+    """'name: −1.23 %/layer [−2.0, −0.4]' from the result's norm-free slope and its interval."""
+    slope, ci = res.norm_free_slope, res.norm_free_slope_ci95
+    if slope is None:
+        return name
+    text = f"{name}: {100 * slope:+.2f} %/layer"
+    return text + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else "")
 
 
 def plot_spectrum(results: list[tuple[str, object]], path: Path) -> Path:
