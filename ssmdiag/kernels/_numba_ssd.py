@@ -46,7 +46,7 @@ def chunk_for(length: int) -> int:
     return int(CHUNK) if CHUNK is not None else min(64, max(1, length))
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=False)
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def ssd_fwd(x, dt, A, B, C, D, z, has_z, h0, slot, out, states, hck, K):
     """Forward scan with the D skip and the z gate.
 
@@ -103,7 +103,7 @@ def ssd_fwd(x, dt, A, B, C, D, z, has_z, h0, slot, out, states, hck, K):
                         st[p, n] = h[p, n]
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=False)
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def ssd_bwd(x, dt, A, B, C, D, z, has_z, hck, slot, gout, gstates, K,
             dx, ddt, dA, dBh, dCh, dD, dz, dh0):
     """Backward of ssd_fwd: gradients of (out, states) -> inputs.

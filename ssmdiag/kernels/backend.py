@@ -131,6 +131,7 @@ def describe(backend: str, device, op: str = "selective") -> str:
     """
     if backend != "torch":
         return backend
+    numba = torch_engine(device) == "numba"
     if op == "ssd":
-        return "torch (chunked SSD)"
-    return "torch (numba CPU kernel)" if torch_engine(device) == "numba" else "torch (chunked scan)"
+        return "torch (numba CPU SSD kernel)" if numba else "torch (chunked SSD)"
+    return "torch (numba CPU kernel)" if numba else "torch (chunked scan)"

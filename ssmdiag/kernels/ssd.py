@@ -5,7 +5,10 @@ n state size, c chunks, t and s positions inside a chunk (q of them), k requeste
 
     h_t = exp(Δ_t a) h_{t-1} + Δ_t x_t B_t^T,    y_t = h_t C_t + D x_t,    out_t = y_t * silu(z_t)
 
-The torch backend is the chunked SSD algorithm (Dao & Gu 2024, "Transformers are SSMs", Section 6):
+Behind backend "torch" runs one of two engines (backend.torch_engine): on CPU the fused numba kernel
+(_numba_ssd.py: the recurrence itself, forward and backward, D skip and z gate fused, O(l) memory);
+elsewhere (or with SSMDIAG_SCAN_ENGINE=chunked) the chunked SSD algorithm below, whose `chunk_size`
+only this engine reads (Dao & Gu 2024, "Transformers are SSMs", Section 6):
 1. inside each chunk, outputs are a masked "attention" (C_t . B_s) * exp(sum_{s<j<=t} Δ_j a) x_s;
 2. each chunk's own contribution to its end state;
 3. a scan over chunks carries the state across chunk boundaries (plus the initial state);
@@ -13,6 +16,7 @@ The torch backend is the chunked SSD algorithm (Dao & Gu 2024, "Transformers are
 Decays are exp of sums of Δa over a span, taken from a masked cumulative sum (never a difference of
 two long cumsums, never a division), so heads with Ā ≡ 0 or Ā ≡ 1 stay finite in both directions.
 Plain torch ops throughout: autograd gives an O(l * q) backward on CPU and GPU.
+Both engines share Δ's bias / softplus / clamp (ssd_step_sizes, plain torch, so autograd covers it).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._torch_scan import linear_scan
-from .backend import resolve_backend
+from .backend import resolve_backend, torch_engine
 from .ref import compute_dtype, normalize_positions, ssd_scan_ref, ssd_step_sizes
 
 
@@ -106,7 +110,8 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt
         x, z: (b, l, h, p).  dt: (b, l, h).  A, dt_bias: (h,).  B, C: (b, l, g, n).  D: (h,) or (h, p).
         dt_limit: (lo, hi) clamp of Δ after bias and softplus (None: no clamp).
         initial_state: (b, h, p, n).  return_states: None | "last" | "all" | LongTensor of k positions.
-        chunk_size: chunk length of the SSD algorithm.  backend: "auto" | "torch" | "cuda" | "ref".
+        chunk_size: chunk length of the chunked engine (the numba CPU engine ignores it).
+        backend: "auto" | "torch" | "cuda" | "ref".
     Returns: y (b, l, h, p) in x's dtype; with return_states also states (float32, float64 for float64
         input): (b, h, p, n) for "last", (b, l, h, p, n) for "all", (b, k, h, p, n) for positions.
     """
@@ -120,6 +125,9 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt
                              chunk_size)
     ct = compute_dtype(x)
     d = ssd_step_sizes(dt, dt_bias, dt_softplus, dt_limit, ct)
+    if torch_engine(x.device) == "numba":
+        from ._numba_ssd import ssd_scan_numba  # imports numba: only when a CPU scan runs
+        return ssd_scan_numba(x, d, A, B, C, D, z, initial_state, return_states)
     xf = x.to(ct)
     h0 = initial_state.to(ct) if initial_state is not None else None
     y, states = _ssd_chunked(xf, d, A.to(ct).clamp(min=-1e30), B.to(ct), C.to(ct), h0, chunk_size, return_states)
