@@ -312,3 +312,19 @@ def test_cli_unknown_choice_or_count_below_one_is_a_usage_error(neox3_dir, tmp_p
     r = run_cli([str(neox3_dir), "--seq-len", "8", *args, "--out", str(tmp_path)])
     assert r.exit_code == 2 and f"Invalid value for '{args[0]}'" in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "smooth").exists()
+
+
+@pytest.mark.parametrize("family", ["mamba", "gpt_neox"])
+def test_block_input_reuses_the_previous_block_output(family, monkeypatch):
+    """A block's input is the previous block's output tensor: it is measured once, and the values agree exactly."""
+    import ssmdiag.metrics.smoothing as smoothing
+
+    model = make_model(family, seed=3, num_hidden_layers=3)
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = smoothing.compute_sharpness
+    monkeypatch.setattr(smoothing, "compute_sharpness", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = measure_smoothing(model, get_adapter(model), ids, states=False, spectrum=False)
+    for prev, nxt in zip(res.layers, res.layers[1:]):
+        assert nxt.block_input == prev.block_output
+    assert len(calls) == 4 * 3 - 2  # 4 places per block, the 2 later block inputs reused

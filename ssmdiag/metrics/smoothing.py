@@ -176,6 +176,7 @@ class _Probe:
         self.family = adapter.family
         self.values: dict[tuple[int, str], Sharpness] = {}
         self.abar: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last_output = None  # (identity of the last block output, its Sharpness): the next block's input
         self.handles = []
         for i, block in enumerate(adapter.blocks()):
             self.handles.append(block.register_forward_pre_hook(self._pre(i), with_kwargs=True))
@@ -184,7 +185,13 @@ class _Probe:
             self.handles.append(adapter.mixer(block).register_forward_hook(self._post(i, "mixer_output")))
 
     def _measure(self, layer: int, where: str, tensor: torch.Tensor) -> None:
-        self.values[(layer, where)] = compute_sharpness(tensor[0], self.pairs, self.seed)  # (l, hidden)
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor._version)
+        if where == "block_input" and self._last_output is not None and self._last_output[0] == key:
+            self.values[(layer, where)] = self._last_output[1]  # the previous block's output, unchanged: reuse
+            return
+        self.values[(layer, where)] = value = compute_sharpness(tensor[0], self.pairs, self.seed)  # (l, hidden)
+        if where == "block_output":
+            self._last_output = (key, value)
 
     def _pre(self, layer: int):
         def hook(module, args, kwargs):
