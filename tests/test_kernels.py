@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodels import scan_inputs
 
 from ssmdiag.kernels import BackendUnavailable, resolve_backend, selective_scan, selective_scan_ref
 from ssmdiag.kernels import _numba_scan, _torch_scan
@@ -34,12 +35,7 @@ def make_inputs(b=2, d=70, l=33, n=5, dtype=torch.float32, seed=0, grad=False):
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     t = dict(u=r(b, d, l), delta=r(b, d, l) * 0.5, A=-torch.rand(d, n, generator=g) * 2 - 0.05, B=r(b, n, l),
              C=r(b, n, l), D=r(d), z=r(b, d, l), delta_bias=r(d) * 0.3, initial_state=r(b, d, n))
-    t = {k: v.to(dtype if k != "A" else (torch.float64 if dtype == torch.float64 else torch.float32))
-         for k, v in t.items()}
-    if grad:
-        for v in t.values():
-            v.requires_grad_(True)
-    return t
+    return scan_inputs(t, dtype, grad)
 
 
 def run(t, return_states=None, backend="torch", **drop):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tinymodels import scan_inputs
 import torch.nn.functional as F
 
 from ssmdiag.kernels import _numba_ssd, ssd_scan_ref
@@ -34,12 +35,7 @@ def make_inputs(b=2, l=37, h=6, p=4, g=3, n=8, dtype=torch.float32, seed=0, grad
     t = dict(x=r(b, l, h, p), dt=F.softplus(r(b, l, h) * 0.5 - 0.5), A=-torch.rand(h, generator=gen) * 2 - 0.05,
              B=r(b, l, g, n), C=r(b, l, g, n), D=r(h, p) if D_per_dim else r(h), z=r(b, l, h, p),
              initial_state=r(b, h, p, n))
-    t = {k: v.to(dtype if k != "A" else (torch.float64 if dtype == torch.float64 else torch.float32))
-         for k, v in t.items()}
-    if grad:
-        for v in t.values():
-            v.requires_grad_(True)
-    return t
+    return scan_inputs(t, dtype, grad)
 
 
 def run(t, return_states=None, **drop):

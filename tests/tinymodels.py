@@ -73,3 +73,13 @@ def save_checkpoint(model, path: Path, tokenizer_dir: Path | None = None) -> Pat
 
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
     return path
+
+
+def scan_inputs(t: dict, dtype, grad: bool = False) -> dict:
+    """Scan test inputs in `dtype` (A in float32, or float64 for float64), optionally requiring gradients."""
+    t = {k: v.to(dtype if k != "A" else (torch.float64 if dtype == torch.float64 else torch.float32))
+         for k, v in t.items()}
+    if grad:
+        for v in t.values():
+            v.requires_grad_(True)
+    return t
