@@ -21,7 +21,7 @@ from ..metrics.polarize import diagnose
 from ..parse import parse_layers
 from ..polarize.masks import polarized_masks, trainable_masks
 from ..polarize.record import abar_check, is_polarized, polarization_record
-from ..polarize.surgery import check_polarizable, installed_backend, logit_change, polarize_model
+from ..polarize.surgery import check_polarizable, logit_change, polarize_model
 from ..results import Run, check_resume_dir, start_run, to_jsonable, write_json_atomic
 from ..runtime import distributed
 from ..training.finetune import TaskSpec, check_task, finetune
@@ -238,7 +238,7 @@ def _reload_check(model, path: Path, seed: int) -> dict[str, float | None]:
     vanilla = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
     vanilla.to(next(model.parameters()).device)
     with_kernels = logit_change(model, vanilla, 64, seed)[0]
-    backend = installed_backend(model)
+    backend = mixer.installed_backend(model)
     if backend is None:
         return {"same_path": with_kernels, "kernels_vs_transformers": None}
     mixer.uninstall(model)

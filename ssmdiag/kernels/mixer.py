@@ -125,10 +125,15 @@ def install(model: torch.nn.Module, backend: str = "auto") -> str:
     return resolve_backend(backend, device, None, op="ssd" if mixers[0][2] == "mamba2" else "selective")
 
 
+def installed_backend(model: torch.nn.Module) -> str | None:
+    """The backend `install` routed this model's mixers to, or None (transformers' own path, or no SSM mixer)."""
+    mixers = find_mixers(model)
+    return mixers[0][1].__dict__.get("_ssmdiag_backend") if mixers else None
+
+
 def installed(model: torch.nn.Module) -> bool:
     """Whether `install` routed this model's mixers through ssmdiag."""
-    mixers = find_mixers(model)
-    return bool(mixers) and "forward" in mixers[0][1].__dict__
+    return installed_backend(model) is not None
 
 
 def uninstall(model: torch.nn.Module) -> None:

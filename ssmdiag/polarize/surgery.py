@@ -129,14 +129,6 @@ def logit_change(before: nn.Module, after: nn.Module, seq_len: int = 64, seed: i
     return diff, diff / max(a.abs().max().item(), 1e-30), str(next(after.parameters()).dtype).replace("torch.", "")
 
 
-def installed_backend(model: nn.Module) -> str | None:
-    """The scan backend ssmdiag's kernels were installed with on `model`, or None (transformers' own path)."""
-    for m in model.modules():
-        if getattr(m, "_ssmdiag_backend", None) is not None:
-            return m._ssmdiag_backend
-    return None
-
-
 def _rebuild(model: nn.Module, new_cfg, new_sd: dict[str, torch.Tensor]) -> nn.Module:
     """A fresh model of the same class from the new config, holding the new weights (same dtype, device, scan path)."""
     from transformers import AutoModelForCausalLM
@@ -149,7 +141,7 @@ def _rebuild(model: nn.Module, new_cfg, new_sd: dict[str, torch.Tensor]) -> nn.M
     for name, buf in new.named_buffers():  # weightless norms keep their constant dummy weights
         buf.fill_(1.0) if name.endswith("layernorm.weight") else None
     new.train(model.training)
-    backend = installed_backend(model)
+    backend = mixer.installed_backend(model)
     if backend is not None:
         mixer.install(new, backend)
     return new
