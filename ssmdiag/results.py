@@ -109,7 +109,6 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     resumable: bool = False  # an unfinished run is kept (marked INCOMPLETE) for --resume, not deleted
     created: list[Path] = field(default_factory=list)  # folders start_run made, outermost first
-    finished: bool = False
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -162,7 +161,7 @@ class Run:
         doc = self.payload(metrics, backend=backend, extra=extra)
         write_json_atomic(self.path / "result.json", doc)
         (self.path / INCOMPLETE).unlink(missing_ok=True)
-        self.finished = True
+        _open_runs[:] = [r for r in _open_runs if r is not self]  # nothing left to clean up after it
         return doc
 
 
@@ -190,7 +189,7 @@ def check_resume_dir(resume: Path, command: str, marker: str) -> Path:
 
 
 INCOMPLETE = "INCOMPLETE"  # marker file in a run folder until its result.json is written
-_open_runs: list[Run] = []  # runs this process opened; cli.abandon_runs() cleans up the unfinished ones
+_open_runs: list[Run] = []  # runs this process opened and has not finished; abandon_runs() cleans them up
 
 
 def _make_dirs(path: Path) -> list[Path]:
@@ -236,8 +235,6 @@ def abandon_runs() -> list[Path]:
     kept = []
     while _open_runs:
         run = _open_runs.pop()
-        if run.finished:
-            continue
         if run.resumable and any(p.name != INCOMPLETE for p in run.path.iterdir()):
             kept.append(run.path)
             continue
