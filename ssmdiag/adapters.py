@@ -10,8 +10,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-SSM_FAMILIES = ("mamba", "mamba2", "falcon_mamba")
-SUPPORTED_FAMILIES = ("mamba", "mamba2", "falcon_mamba", "gpt_neox")
+SSM_FAMILIES = ("mamba", "mamba2", "falcon_mamba")  # pure SSMs: every block is an SSM mixer
+# Mamba-based hybrids -> the kind of their SSM mixers ("mamba1": A (d, n), Δ per channel; "mamba2": A per head)
+HYBRID_FAMILIES = {"bamba": "mamba2", "falcon_h1": "mamba2", "granitemoehybrid": "mamba2", "nemotron_h": "mamba2",
+                   "zamba2": "mamba2", "jamba": "mamba1", "zamba": "mamba1"}
+MAMBA_FAMILIES = SSM_FAMILIES + tuple(HYBRID_FAMILIES)  # every family whose SSM layers ssmdiag sees
+SUPPORTED_FAMILIES = MAMBA_FAMILIES + ("gpt_neox",)
+# where a block keeps its SSM mixer / its attention, per family layout (first match wins)
+_SSM_PATHS = ("mixer", "mamba", "mamba_decoder.mamba")
+_ATTN_PATHS = ("self_attn", "attention", "attn", "mixer", "shared_transformer.self_attn", "shared_transf.self_attn")
+# layer pattern letters (docs/families.md)
+PATTERN_LETTERS = {"M": "SSM mixer", "A": "attention", "P": "attention and SSM in parallel (Falcon-H1)",
+                   "S": "shared attention block, then SSM (Zamba, Zamba2)", "F": "MLP / MoE only", "?": "unknown"}
+
+
+def _get_path(module: nn.Module, path: str):
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
 
 
 @dataclass
@@ -19,9 +37,7 @@ class Adapter:
     """Where the parts of one model family live.
 
     Args:
-        family: "mamba" | "mamba2" | "falcon_mamba" | "gpt_neox" | "other".
-        hidden_states_has_embedding: whether `output_hidden_states` starts with the embedding output
-            (GPT-NeoX: yes; HF Mamba: no).
+        family: one of SUPPORTED_FAMILIES, or "other" (any other causal LM: model-agnostic views only).
     """
 
     family: str
@@ -29,7 +45,25 @@ class Adapter:
 
     @property
     def is_ssm(self) -> bool:
-        return self.family in SSM_FAMILIES
+        """Whether ssmdiag sees SSM layers in this model (pure SSMs and Mamba-based hybrids)."""
+        return self.family in MAMBA_FAMILIES
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.family in HYBRID_FAMILIES
+
+    @property
+    def ssm_kind(self) -> str | None:
+        """"mamba1" (A (d, n), Δ per channel) | "mamba2" (A and Δ per head) | None (no SSM layers)."""
+        if self.family in HYBRID_FAMILIES:
+            return HYBRID_FAMILIES[self.family]
+        if self.family in SSM_FAMILIES:
+            return "mamba2" if self.family == "mamba2" else "mamba1"
+        return None
+
+    @property
+    def model_type(self) -> str:
+        return str(getattr(self.config, "model_type", "") or "?")
 
     @property
     def config(self):
@@ -37,12 +71,13 @@ class Adapter:
 
     @property
     def hidden_states_has_embedding(self) -> bool:
-        return not self.is_ssm
+        """Whether `output_hidden_states` starts with the embedding output (HF Mamba / Mamba-2: no)."""
+        return self.family not in SSM_FAMILIES
 
     # --- structure -------------------------------------------------------------------------
     def base(self) -> nn.Module:
         """The backbone module (without the LM head)."""
-        if self.is_ssm:
+        if self.family in SSM_FAMILIES:
             return self.model.backbone
         if self.family == "gpt_neox":
             return self.model.gpt_neox
@@ -61,23 +96,70 @@ class Adapter:
         lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
         return list(max(lists, key=len)) if lists else []
 
+    def ssm_mixer(self, block: nn.Module) -> nn.Module | None:
+        """The block's SSM mixer (the module holding A_log), or None (attention / MLP blocks, non-SSM families)."""
+        if not self.is_ssm:
+            return None
+        for path in _SSM_PATHS:
+            m = _get_path(block, path)
+            if m is not None and hasattr(m, "A_log"):
+                return m
+        return None
+
+    def attention(self, block: nn.Module) -> nn.Module | None:
+        """The block's self-attention module, or None."""
+        for path in _ATTN_PATHS:
+            m = _get_path(block, path)
+            if m is not None and not hasattr(m, "A_log") and any(
+                    hasattr(m, a) for a in ("q_proj", "query_key_value", "qkv_proj", "c_attn", "o_proj", "k_proj")):
+                return m
+        return None
+
     def mixer(self, block: nn.Module) -> nn.Module | None:
-        """The token mixer of a block: the SSM mixer, or self-attention for a transformer."""
+        """The token mixer of a block: its SSM mixer if it has one, else its self-attention (None: neither)."""
+        ssm = self.ssm_mixer(block)
+        if ssm is not None:
+            return ssm
+        attn = self.attention(block)
+        if attn is not None:
+            return attn
         for name in ("mixer", "attention", "self_attn", "attn"):
-            if hasattr(block, name):
+            if self.family == "other" and hasattr(block, name):
                 return getattr(block, name)
         return None
 
     def mixer_norm(self, block: nn.Module) -> nn.Module | None:
         """The norm applied to the block input before the mixer."""
-        for name in ("norm", "input_layernorm", "ln_1", "ln_attn"):
-            if hasattr(block, name):
-                return getattr(block, name)
+        for name in ("norm", "input_layernorm", "ln_1", "ln_attn", "mamba_decoder.input_layernorm"):
+            m = _get_path(block, name)
+            if m is not None:
+                return m
         return None
+
+    def layer_kind(self, block: nn.Module) -> str:
+        """One letter of PATTERN_LETTERS for a block."""
+        ssm, attn = self.ssm_mixer(block), self.attention(block)
+        if ssm is not None and attn is not None:
+            return "S" if _get_path(block, "mamba_decoder") is not None else "P"
+        if ssm is not None:
+            return "M"
+        if attn is not None:
+            return "A"
+        if any(_get_path(block, p) is not None for p in ("mixer", "mlp", "feed_forward")) and self.family != "other":
+            return "F"
+        return "?"
+
+    def layer_pattern(self) -> list[str]:
+        """The kind of every block, e.g. ["M", "M", "A", "M"] (letters: PATTERN_LETTERS)."""
+        return [self.layer_kind(b) for b in self.blocks()]
+
+    def ssm_layers(self) -> list[int]:
+        """Indices of the blocks that hold an SSM mixer (every block for pure SSMs)."""
+        return [i for i, b in enumerate(self.blocks()) if self.ssm_mixer(b) is not None]
 
     def final_norm(self) -> nn.Module | None:
         base = self.base()
-        for name in ("norm_f", "final_layer_norm", "norm", "ln_f"):
+        for name in ("norm_f", "final_layer_norm", "final_layernorm", "norm", "ln_f"):
             if hasattr(base, name):
                 return getattr(base, name)
         return None
@@ -99,52 +181,85 @@ class Adapter:
         return int(self.config.vocab_size)
 
     def max_positions(self) -> int | None:
-        """Longest sequence the model accepts (None for SSMs: no positional limit)."""
-        if self.is_ssm:
+        """Longest sequence the model accepts (None for pure SSMs: no positional limit)."""
+        if self.family in SSM_FAMILIES:
             return None
         n = getattr(self.config, "max_position_embeddings", None)
         return int(n) if n else None
 
+    def _first_ssm(self) -> nn.Module | None:
+        layers = self.ssm_layers()
+        return self.ssm_mixer(self.blocks()[layers[0]]) if layers else None
+
     @property
     def d_inner(self) -> int | None:
-        if not self.is_ssm:
+        """SSM channels d of one SSM layer (Mamba-2: h · p)."""
+        m = self._first_ssm()
+        if m is None:
             return None
-        return int(self.config.expand * self.config.hidden_size)
+        if self.ssm_kind == "mamba2":
+            return int(getattr(m, "intermediate_size", m.out_proj.in_features))
+        return int(m.A_log.numel() // m.A_log.shape[-1])
 
     @property
     def d_state(self) -> int | None:
-        return int(self.config.state_size) if self.is_ssm else None
+        m = self._first_ssm()
+        if m is None:
+            return None
+        return int(m.ssm_state_size) if self.ssm_kind == "mamba2" else int(m.A_log.shape[-1])
 
     @property
     def n_heads(self) -> int | None:
-        """Mamba-2 SSM heads (A is one scalar per head); None for other families."""
-        return int(self.config.num_heads) if self.family == "mamba2" else None
+        """Mamba-2 SSM heads (A is one scalar per head); None for Mamba-1 kinds and other families."""
+        m = self._first_ssm()
+        return int(m.A_log.shape[0]) if m is not None and self.ssm_kind == "mamba2" else None
 
     @property
     def head_dim(self) -> int | None:
-        return int(self.config.head_dim) if self.family == "mamba2" else None
+        heads = self.n_heads
+        return self.d_inner // heads if heads else None
+
+    @property
+    def n_groups(self) -> int | None:
+        """Mamba-2 B/C groups g."""
+        m = self._first_ssm()
+        return int(m.n_groups) if m is not None and self.ssm_kind == "mamba2" else None
 
     # --- SSM parameters ------------------------------------------------------------------
-    def A(self, layer: int) -> torch.Tensor:
-        """Continuous-time A = -exp(A_log) in fp32: (d_inner, d_state) for Mamba-1, (n_heads,) for Mamba-2."""
+    def _ssm_at(self, layer: int) -> nn.Module:
         self._require_ssm()
-        mixer = self.mixer(self.blocks()[layer])
-        return -torch.exp(mixer.A_log.detach().float())
+        mixer = self.ssm_mixer(self.blocks()[layer])
+        if mixer is None:
+            from .errors import SsmdiagError
+
+            raise SsmdiagError(f"layer {layer} of this {self.family} model is not an SSM layer",
+                               hint=f"its SSM layers are {self.ssm_layers()}")
+        return mixer
+
+    def A(self, layer: int) -> torch.Tensor:
+        """Continuous-time A = -exp(A_log) in fp32: (d_inner, d_state) for Mamba-1 kinds, (n_heads,) for Mamba-2."""
+        mixer = self._ssm_at(layer)
+        A = -torch.exp(mixer.A_log.detach().float())
+        return A if self.ssm_kind == "mamba2" else A.reshape(-1, A.shape[-1])
 
     def dt_bias(self, layer: int) -> torch.Tensor:
-        """The Δ bias before softplus: (d_inner,) for Mamba-1, (n_heads,) for Mamba-2."""
-        self._require_ssm()
-        mixer = self.mixer(self.blocks()[layer])
-        bias = mixer.dt_bias if self.family == "mamba2" else mixer.dt_proj.bias
-        return bias.detach().float()
+        """The Δ bias before softplus: (d_inner,) for Mamba-1 kinds, (n_heads,) for Mamba-2."""
+        mixer = self._ssm_at(layer)
+        if self.ssm_kind == "mamba2":
+            bias = mixer.dt_bias
+        elif hasattr(mixer, "dt_proj_bias"):  # Zamba: one dt_proj per head
+            bias = mixer.dt_proj_bias
+        else:
+            bias = mixer.dt_proj.bias
+        return bias.detach().float().reshape(-1)
 
     def _require_ssm(self) -> None:
         if not self.is_ssm:
             from .errors import SsmdiagError
 
             raise SsmdiagError(
-                f"this needs an SSM, but the model is a {self.family} model",
-                hint=f"use a Mamba, Mamba-2 or FalconMamba checkpoint (families: {', '.join(SSM_FAMILIES)})",
+                f"this needs an SSM layer, but {self.model_type} models have none that ssmdiag can read",
+                hint=f"use a Mamba-based checkpoint (families: {', '.join(MAMBA_FAMILIES)})",
             )
 
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from ssmdiag.kernels import mixer, selective_scan_ref, ssd_scan_ref
+from ssmdiag.kernels import mixer, mixers, selective_scan_ref, ssd_scan_ref
 from tinymodels import VOCAB, make_model
 
 FAMILIES = ["mamba", "falcon_mamba", "mamba2", "mamba2-g1"]  # mamba2: n_groups 2; mamba2-g1: n_groups 1
@@ -59,8 +59,8 @@ def test_mixer_path_really_runs(pair, monkeypatch):
     _, model, family = pair
     calls = []
     name = "ssd_scan" if family.startswith("mamba2") else "selective_scan"
-    real = getattr(mixer, name)
-    monkeypatch.setattr(mixer, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = getattr(mixers, name)
+    monkeypatch.setattr(mixers, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         model(ids())
     assert len(calls) == model.config.num_hidden_layers

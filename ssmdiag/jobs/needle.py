@@ -305,25 +305,30 @@ def run_needle(loaded: Any, cfg: NeedleConfig, out: Path, resume: Path | None, d
     grid = prepare_grid(tok, loaded.adapter.max_positions(), cfg)
     carry = check_state_carry(loaded.model, loaded.family, min(len(tok), loaded.adapter.vocab_size), loaded.dtype)
     ok = carry.ok
+    if carry.reason:
+        why = (f"{loaded.adapter.model_type}: ssmdiag cannot carry or roll back this model's recurrent state "
+               f"({carry.reason}); prompts are run whole, without prefix reuse")
+    elif not ok:
+        why = (f"segmented prefill does not match one-shot (rel. error {carry.rel_error:.2g}, tolerance "
+               f"{carry.tolerance:.2g}): prompts are run whole, without prefix reuse")
     if not ok:
-        console.warn(f"segmented prefill does not match one-shot (rel. error {carry.rel_error:.2g}, tolerance "
-                     f"{carry.tolerance:.2g}): prefilling in one piece")
+        console.warn(why)
     config = {**asdict(cfg), "haystack": grid.hay.source, "prefill_chunk": cfg.prefill_chunk if ok else None,
-              "reuse": cfg.reuse and ok, "processes": dist.world}
+              "reuse": cfg.reuse and ok, "prefill_mode": carry.mode if ok else "whole", "processes": dist.world}
     identity = grid_identity(loaded, tok, grid, cfg)
     if resume is not None:
         check_identity(resume, identity)  # on every process, so a mismatch stops them all
     run = open_grid_run(out, resume, loaded, identity, config, cfg.seed) if dist.is_main else None
     run_dir = Path(dist.share(str(run.path) if run else None))
     t_cells = time.perf_counter()
-    missing = run_share(run_dir, ModelRunner(loaded.model, loaded.family, config["prefill_chunk"]), grid,
-                        config["reuse"], dist)
+    runner = ModelRunner(loaded.model, loaded.family, config["prefill_chunk"], mode=config["prefill_mode"])
+    missing = run_share(run_dir, runner, grid, config["reuse"], dist)
     dist.wait()
     if run is None:
         return None
     run.started, run.timings = started, {"setup": t_cells - started, "cells": time.perf_counter() - t_cells}
     if not ok:
-        run.note("segmented prefill disagreed with one-shot on this model: prompts were prefilled in one piece")
+        run.note(why)
     cells = merge_cells(read_cells(run_dir), cfg.lengths, cfg.depths)
     metrics = {"summary": summarize_grid(cells, cfg.lengths, cfg.depths), "reuse": reuse_report(cells),
                "carry_check": carry._asdict(), "resumed_cells": len(cells) - missing, "cells": cells}

@@ -1,15 +1,10 @@
-"""The SSM mixer path: ssmdiag computes transformers' Mamba-1 and Mamba-2 mixers itself.
-
-Dimension letters as in docs/architecture.md: b batch, l time, e model width, d channels, n state size, w conv
-width; Mamba-2: h heads, p head dim, g groups (its conv runs over d + 2gn channels, written xbc).
+"""The SSM mixer path: ssmdiag computes transformers' Mamba-1 and Mamba-2 mixers itself, hybrids' included.
 
 transformers stays the loader and runs everything that is not an SSM mixer (embeddings, norms, residuals,
-attention, the LM head).  `install` gives each MambaMixer / FalconMambaMixer / Mamba2Mixer an instance-level
+attention, MLP/MoE, the LM head).  `install` gives each mixer named in MIXER_KINDS (Mamba, FalconMamba, Mamba-2
+and the SSM mixers of Bamba, Falcon-H1, Granite-4.0-H, Nemotron-H, Zamba2, Jamba and Zamba) an instance-level
 forward that reads the module's parameters (in_proj, conv1d, x_proj, dt_proj or dt_bias, A_log, D, norm,
-out_proj) and computes the mixer with ssmdiag's scans (Gu & Dao 2023, Alg. 2; Dao & Gu 2024, Section 7):
-
-    x, z = in_proj(u);  x = act(causal_conv(x));  Δ, B, C = proj(x);  y = scan(x, Δ, A, B, C) + D x;
-    out = out_proj(gate(y, z))
+out_proj) and computes the mixer with ssmdiag's scans (kernels/mixers.py).
 
 Nothing of transformers' private scan functions or cache classes is used, so the path does not move when
 their internals do.  The recurrent state lives in ssmdiag's `StateCarry` (per layer: the last k - 1 conv
@@ -29,26 +24,20 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .backend import resolve_backend
-from .ref import ssd_step_sizes
-from .scan import selective_scan
-from .ssd import ssd_scan
+from .mixers import (LayerRecord, MixerState, Recorder, mamba1_mixer, mamba2_mixer,  # noqa: F401
+                     zamba_mixer)
 
 # mixer class name -> kind.  Names, not imported classes: a transformers without one of them still works.
-MIXER_KINDS = {"MambaMixer": "mamba1", "FalconMambaMixer": "mamba1", "Mamba2Mixer": "mamba2"}
+MIXER_KINDS = {"MambaMixer": "mamba1", "FalconMambaMixer": "mamba1", "JambaMambaMixer": "mamba1",
+               "ZambaMambaMixer": "zamba", "Mamba2Mixer": "mamba2", "BambaMixer": "mamba2",
+               "FalconH1Mixer": "mamba2", "GraniteMoeHybridMambaLayer": "mamba2", "NemotronHMamba2Mixer": "mamba2",
+               "Zamba2MambaMixer": "mamba2"}
+_COMPUTE = {"mamba1": mamba1_mixer, "zamba": zamba_mixer, "mamba2": mamba2_mixer}
 
 
 # --- state ------------------------------------------------------------------------------------------------
-@dataclass
-class MixerState:
-    """One SSM layer's recurrent state after some tokens."""
-
-    conv: torch.Tensor  # (b, d, w - 1) / (b, d + 2gn, w - 1): the last w - 1 conv inputs, in the model's dtype
-    ssm: torch.Tensor  # (b, d, n) Mamba-1 / (b, h, p, n) Mamba-2, float32 (float64 for float64 models)
-
-
 @dataclass
 class StateCarry:
     """Per-layer MixerState of one model: ssmdiag's own carry, in place of transformers' cache for SSM layers."""
@@ -66,37 +55,8 @@ class StateCarry:
 _cache_carries: "weakref.WeakKeyDictionary[object, StateCarry]" = weakref.WeakKeyDictionary()
 
 
-# --- recording --------------------------------------------------------------------------------------------
-@dataclass
-class LayerRecord:
-    """What one mixer's scan saw in the last recorded forward (Mamba-1 / Mamba-2 shapes)."""
-
-    layer: int
-    family: str  # "mamba" (Mamba-1 and FalconMamba) | "mamba2"
-    backend: str  # the backend that ran the recorded scan
-    u: torch.Tensor | None = None  # (b, l, d) / (b, l, h, p): the scan input x
-    delta: torch.Tensor | None = None  # (b, l, d) / (b, l, h): Δ after bias, softplus (and Mamba-2's clamp)
-    A: torch.Tensor | None = None  # (d, n) / (h,)
-    B: torch.Tensor | None = None  # (b, l, n) / (b, l, g, n)
-    C: torch.Tensor | None = None
-    states: torch.Tensor | None = None  # "last": (b, d, n) / (b, h, p, n); "all" or positions: dim 1 = time
-    abar_min: torch.Tensor | None = None  # (d, n) / (h,): min over batch and time of exp(Δ A)
-    abar_max: torch.Tensor | None = None
-
-
-@dataclass
-class Recorder:
-    """Filled by `record`: layers[i] is the LayerRecord of layer i after a forward."""
-
-    states: object = None
-    params: bool = False
-    abar_stats: bool = False
-    detach: bool = True
-    layers: dict = field(default_factory=dict)
-
-
 def find_mixers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module, str]]:
-    """[(layer index, mixer, kind "mamba1" | "mamba2")] in model order."""
+    """[(layer index, mixer, kind "mamba1" | "zamba" | "mamba2")] in model order."""
     found = []
     for module in model.modules():
         kind = MIXER_KINDS.get(type(module).__name__)
@@ -214,7 +174,7 @@ def _mixer_forward(mixer, hidden_states, *args, **kwargs):
     state = getattr(mixer, "_ssmdiag_carry", None)
     if state is None and cache is not None:
         state = _cache_carries.setdefault(cache, StateCarry())
-    compute = mamba2_mixer if mixer._ssmdiag_kind == "mamba2" else mamba1_mixer
+    compute = _COMPUTE[mixer._ssmdiag_kind]
     idx = int(mixer.layer_idx)
     out, new = compute(mixer, hidden_states, None if state is None else state.layers.get(idx), mask,
                        mixer._ssmdiag_backend, getattr(mixer, "_ssmdiag_recorder", None), state is not None)
@@ -223,158 +183,3 @@ def _mixer_forward(mixer, hidden_states, *args, **kwargs):
     return out
 
 
-def _mask_padding(x: torch.Tensor, mask) -> torch.Tensor:
-    """Zero padded positions (b, l, ...) as transformers does; a mask that does not fit x's length is ignored."""
-    if mask is None or mask.dim() != 2 or mask.shape[1] != x.shape[1]:
-        return x
-    return (x * mask[:, :, None]).to(x.dtype)
-
-
-def _causal_conv(conv: torch.nn.Conv1d, x: torch.Tensor, prev: torch.Tensor | None, want_tail: bool):
-    """Depthwise causal conv of x (b, d, l) continuing from the previous w - 1 inputs prev (b, d, w - 1).
-
-    Returns (conv output (b, d, l), the last w - 1 inputs for the next segment, or None unless want_tail).
-    """
-    w, length = conv.weight.shape[-1], x.shape[-1]
-    if prev is None:  # zero history: padding in the conv itself (no copy of the strided x)
-        y = F.conv1d(x, conv.weight, conv.bias, padding=w - 1, groups=x.shape[1])[..., :length]
-        window = F.pad(x[..., max(0, length - (w - 1)):], (max(0, w - 1 - length), 0)) if want_tail else None
-        return y, window
-    window = torch.cat([prev.to(x.dtype), x], dim=-1)  # (b, d, w - 1 + l)
-    y = F.conv1d(window, conv.weight, conv.bias, groups=x.shape[1])
-    return y, (window[..., window.shape[-1] - (w - 1):] if want_tail else None)
-
-
-def _states_request(want, need_last: bool):
-    """(return_states for the kernel, how to split the result into (recorded, last))."""
-    if want is None:
-        return ("last", "last") if need_last else (None, None)
-    if isinstance(want, str):
-        return want, want
-    if not need_last:
-        return want, "positions"
-    pos = torch.as_tensor(want).long().reshape(-1)
-    return torch.cat([pos, pos.new_tensor([-1])]), "positions+last"
-
-
-def _split_states(states, how):
-    """(recorded states, last state) from what the kernel returned."""
-    if how is None:
-        return None, None
-    if how == "last":
-        return states, states
-    if how == "all":
-        return states, states[:, -1]
-    if how == "positions":
-        return states, None
-    return states[:, :-1], states[:, -1]
-
-
-def _abar_range(delta_min, delta_max, A):
-    """Min/max of exp(Δ A) over Δ in [delta_min, delta_max] (Δ A is monotone in Δ)."""
-    lo, hi = delta_min * A, delta_max * A
-    return torch.exp(torch.minimum(lo, hi)), torch.exp(torch.maximum(lo, hi))
-
-
-def _store(rec: Recorder, layer: int, family: str, backend: str, u, delta, A, B, C, states, abar) -> None:
-    keep = (lambda t: None if t is None else t.detach()) if rec.detach else (lambda t: t)
-    entry = LayerRecord(layer=layer, family=family, backend=backend)
-    if rec.params:
-        entry.u, entry.delta, entry.A, entry.B, entry.C = (keep(t) for t in (u, delta, A, B, C))
-    if rec.states is not None:
-        entry.states = keep(states)
-    if rec.abar_stats:
-        entry.abar_min, entry.abar_max = (keep(t) for t in abar())
-    rec.layers[layer] = entry
-
-
-def _rms_unweighted(t: torch.Tensor, eps: float) -> torch.Tensor:
-    """FalconMamba's weightless RMS normalisation of Δ, B and C, computed in float32."""
-    f = t.float()
-    return (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).type_as(t)
-
-
-def mamba1_mixer(mixer, hidden_states, state: MixerState | None = None, attention_mask=None, backend="auto",
-                 rec: Recorder | None = None, want_state: bool = False):
-    """One Mamba-1 (or FalconMamba) mixer from its module's parameters, optionally continuing from `state`.
-
-    Args:
-        hidden_states: (b, l, e).  state: the layer's MixerState after the previous tokens, or None.
-    Returns: (output (b, l, e), the new MixerState or None when not want_state).
-    """
-    dtype, length = hidden_states.dtype, hidden_states.shape[1]
-    n, dt_rank = mixer.A_log.shape[1], mixer.dt_proj.weight.shape[1]
-    hidden_states = _mask_padding(hidden_states, attention_mask)
-    x, z = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)         # (b, d, l) each
-    x, conv_tail = _causal_conv(mixer.conv1d, x, None if state is None else state.conv, want_state)
-    x = _mask_padding(mixer.act(x).transpose(1, 2), attention_mask)             # (b, l, d)
-    dt, B, C = torch.split(mixer.x_proj(x), [dt_rank, n, n], dim=-1)              # (b, l, dt_rank), (b, l, n) x 2
-    if type(mixer).__name__ == "FalconMambaMixer":  # FalconMamba normalises Δ, B and C (no weights)
-        eps = float(getattr(mixer, "rms_eps", None) or mixer.config.mixer_rms_eps)
-        dt, B, C = (_rms_unweighted(t, eps) for t in (dt, B, C))
-    dt = mixer.dt_proj.weight @ dt.transpose(1, 2)                              # (b, d, l), bias in the scan
-    A = -torch.exp(mixer.A_log.float())                                         # (d, n)
-    bias = None if mixer.dt_proj.bias is None else mixer.dt_proj.bias.float()
-    u, Bt, Ct = x.transpose(1, 2), B.transpose(1, 2), C.transpose(1, 2)         # (b, d, l), (b, n, l) x 2
-    request, how = _states_request(rec.states if rec is not None else None, want_state)
-    h0 = None if state is None else state.ssm
-    name = resolve_backend(backend, x.device, request, need_initial_state=h0 is not None)
-    if rec is not None and (rec.params or rec.abar_stats):  # the recorded Δ is the one the scan uses
-        delta = dt.float() if bias is None else dt.float() + bias[:, None]
-        delta = F.softplus(delta)                                               # (b, d, l)
-        out = selective_scan(u, delta, A, Bt, Ct, D=mixer.D.float(), z=z, initial_state=h0,
-                             return_states=request, backend=name)
-    else:  # bias and softplus fused into the scan
-        delta = None
-        out = selective_scan(u, dt, A, Bt, Ct, D=mixer.D.float(), z=z, delta_bias=bias, delta_softplus=True,
-                             initial_state=h0, return_states=request, backend=name)
-    y, states = (out, None) if request is None else out
-    recorded, last = _split_states(states, how)
-    if rec is not None:
-        _store(rec, int(mixer.layer_idx), "mamba", name, x, None if delta is None else delta.transpose(1, 2), A,
-               B, C, recorded,
-               lambda: _abar_range(delta.amin(dim=(0, 2))[:, None], delta.amax(dim=(0, 2))[:, None], A))
-    out = mixer.out_proj(y.transpose(1, 2).to(dtype))                           # (b, l, e)
-    return out, (MixerState(conv_tail, last) if want_state else None)
-
-
-def mamba2_mixer(mixer, hidden_states, state: MixerState | None = None, attention_mask=None, backend="auto",
-                 rec: Recorder | None = None, want_state: bool = False):
-    """One Mamba-2 mixer from its module's parameters (grouped B/C, gated RMSNorm), optionally continuing.
-
-    Args:
-        hidden_states: (b, l, e).  state: the layer's MixerState after the previous tokens, or None.
-    Returns: (output (b, l, e), the new MixerState or None when not want_state).
-    """
-    bsz, length, _ = hidden_states.shape
-    dtype = hidden_states.dtype
-    heads = mixer.A_log.shape[0]
-    d_inner = int(getattr(mixer, "intermediate_size", mixer.out_proj.in_features))
-    groups, n, p = int(mixer.n_groups), int(mixer.ssm_state_size), d_inner // heads
-    conv_dim = d_inner + 2 * groups * n
-    hidden_states = _mask_padding(hidden_states, attention_mask)
-    proj = mixer.in_proj(hidden_states)                                          # (b, l, proj)
-    d_mlp = (proj.shape[-1] - 2 * d_inner - 2 * groups * n - heads) // 2  # 0 in every released Mamba-2
-    z0, x0, gate, xbc, dt = torch.split(proj, [d_mlp, d_mlp, d_inner, conv_dim, heads], dim=-1)
-    xbc, conv_tail = _causal_conv(mixer.conv1d, xbc.transpose(1, 2), None if state is None else state.conv,
-                                   want_state)
-    xbc = _mask_padding(mixer.act(xbc).transpose(1, 2), attention_mask)          # (b, l, d + 2gn)
-    x, B, C = torch.split(xbc, [d_inner, groups * n, groups * n], dim=-1)
-    A = -torch.exp(mixer.A_log.float())                                          # (h,)
-    delta = ssd_step_sizes(dt, mixer.dt_bias, True, getattr(mixer, "time_step_limit", None), torch.float32)  # (b, l, h)
-    request, how = _states_request(rec.states if rec is not None else None, want_state)
-    name = resolve_backend(backend, x.device, request, op="ssd")
-    u = x.reshape(bsz, length, heads, p)
-    B, C = B.reshape(bsz, length, groups, n), C.reshape(bsz, length, groups, n)
-    out = ssd_scan(u, delta, A, B, C, D=mixer.D, initial_state=None if state is None else state.ssm,
-                   return_states=request, chunk_size=int(mixer.chunk_size), backend=name)
-    y, states = (out, None) if request is None else out
-    recorded, last = _split_states(states, how)
-    if rec is not None:
-        _store(rec, int(mixer.layer_idx), "mamba2", name, u, delta, A, B, C, recorded,
-               lambda: _abar_range(delta.amin(dim=(0, 1)), delta.amax(dim=(0, 1)), A))
-    y = mixer.norm(y.reshape(bsz, length, d_inner), gate)                        # gated RMSNorm
-    if d_mlp > 0:
-        y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-    out = mixer.out_proj(y.to(dtype))                                            # (b, l, e)
-    return out, (MixerState(conv_tail, last) if want_state else None)
