@@ -14,7 +14,24 @@ SSM_FAMILIES = ("mamba", "mamba2", "falcon_mamba")  # pure SSMs: every block is 
 # Mamba-based hybrids -> the kind of their SSM mixers ("mamba1": A (d, n), Δ per channel; "mamba2": A per head)
 HYBRID_FAMILIES = {"bamba": "mamba2", "falcon_h1": "mamba2", "granitemoehybrid": "mamba2", "nemotron_h": "mamba2",
                    "zamba2": "mamba2", "jamba": "mamba1", "zamba": "mamba1"}
-MAMBA_FAMILIES = SSM_FAMILIES + tuple(HYBRID_FAMILIES)  # every family whose SSM layers ssmdiag sees
+MAMBA_FAMILIES = SSM_FAMILIES + tuple(HYBRID_FAMILIES)
+_M1 = {"state": "mamba_d_state", "dt_rank": "mamba_dt_rank", "expand": "mamba_expand"}
+_M2 = {"state": "mamba_d_state", "heads": "mamba_n_heads", "head_dim": "mamba_d_head", "groups": "mamba_n_groups",
+       "expand": "mamba_expand"}
+# the config keys that size each family's SSM layers (what polarization's surgery rewrites); "d_inner" when the
+# config states it outright (expand is then not needed), "expand" None when d = heads · head_dim by construction
+SSM_CONFIG_KEYS = {
+    "mamba": {"state": "state_size", "dt_rank": "time_step_rank", "expand": "expand"},
+    "falcon_mamba": {"state": "state_size", "dt_rank": "time_step_rank", "expand": "expand"},
+    "mamba2": {"state": "state_size", "heads": "num_heads", "head_dim": "head_dim", "groups": "n_groups",
+               "expand": "expand"},
+    "bamba": _M2, "granitemoehybrid": _M2, "falcon_h1": {**_M2, "d_inner": "mamba_d_ssm"},
+    "nemotron_h": {"state": "ssm_state_size", "heads": "mamba_num_heads", "head_dim": "mamba_head_dim",
+                   "groups": "n_groups", "expand": None},
+    "zamba2": {"state": "mamba_d_state", "heads": "n_mamba_heads", "head_dim": "mamba_headdim",
+               "groups": "mamba_ngroups", "expand": "mamba_expand"},
+    "jamba": _M1, "zamba": _M1,
+}  # every family whose SSM layers ssmdiag sees
 SUPPORTED_FAMILIES = MAMBA_FAMILIES + ("gpt_neox",)
 # where a block keeps its SSM mixer / its attention, per family layout (first match wins)
 _SSM_PATHS = ("mixer", "mamba", "mamba_decoder.mamba")
@@ -60,6 +77,18 @@ class Adapter:
         if self.family in SSM_FAMILIES:
             return "mamba2" if self.family == "mamba2" else "mamba1"
         return None
+
+    @property
+    def ssm_config_keys(self) -> dict[str, str | None]:
+        """Config keys of the SSM sizes: state, dt_rank (Mamba-1 kinds) or heads/head_dim/groups, expand, d_inner."""
+        self._require_ssm()
+        return SSM_CONFIG_KEYS[self.family]
+
+    @property
+    def ssm_variant(self) -> str:
+        """How the SSM mixer departs from plain Mamba-1 / Mamba-2: "plain", "falcon" (weightless Δ/B/C norms),
+        "jamba" (RMSNorm modules on Δ/B/C), "zamba" (per-head x_proj / dt_proj)."""
+        return {"falcon_mamba": "falcon", "jamba": "jamba", "zamba": "zamba"}.get(self.family, "plain")
 
     @property
     def model_type(self) -> str:

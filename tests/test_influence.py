@@ -199,7 +199,7 @@ def test_closed_form_rate_agrees_with_gradients_on_one_layer():
     L, samples = 64, 4
     grad_fit, rows = _rate(model, samples=samples, L=L, seed=1)
     ids = torch.randint(0, 384, (samples, L), generator=torch.Generator().manual_seed(1))
-    closed = per_layer_rows(model, get_adapter(model), ids, [L - 1])  # via kernels.patch.record: (1, samples, 1, L)
+    _, closed = per_layer_rows(model, get_adapter(model), ids, [L - 1])  # via kernels.mixer.record: (1, samples, 1, L)
     for i in range(samples):  # the recorded Δ, B, C are the mixer's own
         mine = hidden_attention_row(*_mamba1_params(model, ids[i: i + 1]), L - 1)[0].norm(dim=-1).numpy()
         np.testing.assert_allclose(closed[0, i, 0], mine, rtol=1e-4)
@@ -210,7 +210,7 @@ def test_closed_form_rate_agrees_with_gradients_on_one_layer():
 def test_per_layer_rows_on_mamba2_are_finite_and_causal():
     model = make_model("mamba2")
     ids = torch.randint(0, 384, (1, 20), generator=torch.Generator().manual_seed(0))
-    rows = per_layer_rows(model, get_adapter(model), ids, [10, 19])  # (layers, samples, T, l)
+    _, rows = per_layer_rows(model, get_adapter(model), ids, [10, 19])  # (layers, samples, T, l)
     assert rows.shape == (2, 1, 2, 20) and np.isfinite(rows).all()
     assert (rows[:, :, 0, 11:] == 0).all() and (rows[:, :, 0, :11] > 0).all()
 

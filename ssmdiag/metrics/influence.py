@@ -249,42 +249,57 @@ def summarize_ratio(logvals_a: np.ndarray, logvals_b: np.ndarray, fit_range: tup
     return InfluenceSummary(curve=curve, fit=fit, bands=bands, common_distance=common)
 
 
-def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: list[int]) -> np.ndarray:
+def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: list[int]) -> tuple[list[int], np.ndarray]:
     """Closed-form hidden-attention influence of each SSM layer: (layers, samples, T, l), norm over channels.
 
-    Uses the recorded Δ, A, B, C of every layer (ssmdiag.kernels.mixer.record); no autograd.
+    Uses the recorded Δ, A, B, C of every SSM layer (ssmdiag.kernels.mixer.record); no autograd.  Hybrids: the
+    SSM layers only (attention layers have no closed form here).  Zamba's per-head B and C: one head at a time.
 
     Args:
-        model: an SSM. adapter: its Adapter. ids: (samples, l) token ids. targets: the T target positions.
+        model: a model with SSM layers. adapter: its Adapter. ids: (samples, l) token ids. targets: the T targets.
+    Returns: the SSM layer indices, and the rows in that order.
     """
     from ..kernels.mixer import record
-    from .hidden_attention import hidden_attention_row
 
     adapter._require_ssm()
+    layers = adapter.ssm_layers()
     length = ids.shape[1]
-    out = np.zeros((adapter.num_layers, ids.shape[0], len(targets), length))
+    out = np.zeros((len(layers), ids.shape[0], len(targets), length))
     device = adapter.embedding().weight.device
     for i in range(ids.shape[0]):
         with torch.no_grad(), record(model, params=True) as rec:
             adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
-        for layer in range(adapter.num_layers):
+        for k, layer in enumerate(layers):
             lr = rec.layers[layer]
             for j, t in enumerate(targets):
-                alpha = hidden_attention_row(lr.delta.cpu(), lr.A.cpu(), lr.B.cpu(), lr.C.cpu(), t)  # (1, t+1, ch)
-                out[layer, i, j, : t + 1] = alpha[0].norm(dim=-1).numpy()
-    return out
+                out[k, i, j, : t + 1] = _layer_alpha(lr, t).norm(dim=-1).numpy()
+    return layers, out
+
+
+def _layer_alpha(lr, t: int) -> torch.Tensor:
+    """(t+1, channels) hidden attention of one recorded layer at target t; per-head B/C (Zamba) head by head."""
+    from .hidden_attention import hidden_attention_row
+
+    delta, A, B, C = (x.cpu() for x in (lr.delta, lr.A, lr.B, lr.C))
+    if A.dim() == 2 and B.dim() == 4:  # Mamba-1 channels split into heads, each with its own B and C
+        heads = B.shape[2]
+        p = A.shape[0] // heads
+        return torch.cat([hidden_attention_row(delta[..., h * p:(h + 1) * p], A[h * p:(h + 1) * p], B[:, :, h],
+                                               C[:, :, h], t)[0] for h in range(heads)], dim=-1)
+    return hidden_attention_row(delta, A, B, C, t)[0]
 
 
 def summarize_layers(layer_rows: np.ndarray, targets: list[int], fit_range: tuple[int, int],
-                     statistic: str = "mean", seed: int = 0) -> list[LayerDecay]:
+                     statistic: str = "mean", seed: int = 0, layers: list[int] | None = None) -> list[LayerDecay]:
     """Decay fit of each layer's closed-form influence curve.
 
     Args:
         layer_rows: (layers, samples, T, l) from per_layer_rows. targets: the T target positions.
+        layers: the layer index of each row (default 0, 1, …).
         fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
     """
     result = []
-    for layer, rows in enumerate(layer_rows):
+    for layer, rows in zip(layers if layers is not None else range(len(layer_rows)), layer_rows):
         summary, _ = summarize_influence(rows, targets, fit_range, statistic, seed)
         result.append(LayerDecay(layer=layer, decay_rate=summary.fit.decay_rate,
                                  decay_rate_ci95=summary.fit.decay_rate_ci95, half_life=summary.fit.half_life,
@@ -346,11 +361,13 @@ def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
     layers = layer_seconds = None
     if cfg.per_layer and loaded.adapter.is_ssm:
         t1 = time.perf_counter()
-        layer_rows = per_layer_rows(loaded.model, loaded.adapter, ids, cfg.targets)
-        layers = summarize_layers(layer_rows, cfg.targets, cfg.fit_range, cfg.statistic, cfg.seed)
+        which, layer_rows = per_layer_rows(loaded.model, loaded.adapter, ids, cfg.targets)
+        layers = summarize_layers(layer_rows, cfg.targets, cfg.fit_range, cfg.statistic, cfg.seed, which)
         layer_seconds = time.perf_counter() - t1
     far = next((b for b in summary.bands if b.band == "far"), None)
-    bound = measure_bound(loaded.model, loaded.adapter, ids, far) if loaded.adapter.is_ssm else None
+    # the Ā bound limits a pure SSM stack; a hybrid's attention layers carry influence past it (no bound claimed)
+    pure_ssm = loaded.adapter.is_ssm and not loaded.adapter.is_hybrid
+    bound = measure_bound(loaded.model, loaded.adapter, ids, far) if pure_ssm else None
     result = ModelInfluence(
         name=loaded.name, spec=loaded.spec, family=loaded.family,
         backend=loaded.backend if loaded.adapter.is_ssm else "n/a (attention)", model_dtype=model_dtype,

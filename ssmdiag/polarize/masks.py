@@ -17,11 +17,12 @@ from .record import polarization_record
 TRAINABLE = ("all", "new", "mixer")  # --trainable
 
 
-def mixer_prefixes(model: nn.Module) -> list[str]:
-    """The state-dict prefix of each layer's mixer, in layer order."""
+def mixer_prefixes(model: nn.Module) -> dict[int, str]:
+    """{layer index: state-dict prefix of its SSM mixer}, for every SSM layer in order (hybrids: SSM layers only)."""
     adapter = get_adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
-    return [names[id(adapter.mixer(b))] for b in adapter.blocks()]
+    blocks = adapter.blocks()
+    return {i: names[id(adapter.ssm_mixer(blocks[i]))] for i in adapter.ssm_layers()}
 
 
 def _mask(masks: dict[str, torch.Tensor], params: dict[str, nn.Parameter], name: str) -> torch.Tensor:
@@ -54,18 +55,19 @@ def new_entry_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     masks: dict[str, torch.Tensor] = {}
     params = dict(model.named_parameters())
     prefixes = mixer_prefixes(model)
+    keys = get_adapter(model).ssm_config_keys
     for op in polarization_record(model.config):
         idx = sorted(set(op["one"] + op["zero"] + op["added"]))
         if not idx:
             continue
-        layers = op["layers"] if op["mode"] == "replace" else range(len(prefixes))
+        layers = op["layers"] if op["mode"] == "replace" else list(prefixes)
         for layer in layers:
-            for name, rows in _entry_slices(model.config, op["unit"], idx).items():
+            for name, rows in _entry_slices(model.config, keys, op["unit"], idx).items():
                 key = f"{prefixes[layer]}.{name}"
                 if key not in params:
                     continue
                 m = _mask(masks, params, key)
-                if name == "out_proj.weight":  # (hidden, d): columns are channels
+                if name in ("out_proj.weight", "x_proj_weight"):  # columns are channels / per-head rows
                     m[:, rows] = True
                 elif name == "A_log":  # (d, n): state-channel columns; (h,): heads
                     m[..., rows] = True
@@ -74,12 +76,18 @@ def new_entry_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
-def _entry_slices(cfg, unit: str, idx: list[int]) -> dict[str, list[int]]:
-    """Which rows (or columns) of which mixer parameters hold the given state channels / heads."""
-    if unit == "state_channel":
-        r, n = int(cfg.time_step_rank), int(cfg.state_size)
-        return {"x_proj.weight": [r + i for i in idx] + [r + n + i for i in idx], "A_log": idx}
-    p, h, g, n = int(cfg.head_dim), int(cfg.num_heads), int(cfg.n_groups), int(cfg.state_size)
+def _entry_slices(cfg, keys: dict, unit: str, idx: list[int]) -> dict[str, list[int]]:
+    """Which rows (or columns) of which mixer parameters hold the given state channels / heads.
+
+    Args:
+        keys: the family's SSM config keys (adapters.SSM_CONFIG_KEYS).
+    """
+    size = {k: int(getattr(cfg, v)) for k, v in keys.items() if v and getattr(cfg, v, None) is not None}
+    if unit == "state_channel":  # Zamba keeps x_proj per head (x_proj_weight); the rows are the same
+        r, n = size["dt_rank"], size["state"]
+        rows = [r + i for i in idx] + [r + n + i for i in idx]
+        return {"x_proj.weight": rows, "x_proj_weight": rows, "A_log": idx}
+    p, h, g, n = size["head_dim"], size["heads"], size["groups"], size["state"]
     d, hpg = h * p, h // g
     chan = [i * p + j for i in idx for j in range(p)]
     # a group's B and C rows belong to the entries only when every head of the group does (added groups)
@@ -103,7 +111,7 @@ def trainable_masks(model: nn.Module, trainable: str) -> dict[str, torch.Tensor 
     if trainable == "all":
         return None
     if trainable == "mixer":
-        prefixes = [p + "." for p in mixer_prefixes(model)]
+        prefixes = [p + "." for p in mixer_prefixes(model).values()]
         return {n: None for n, _ in model.named_parameters() if n.startswith(tuple(prefixes))}
     masks = new_entry_masks(model)
     if not masks:

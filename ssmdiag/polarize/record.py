@@ -140,6 +140,6 @@ def abar_check(model: nn.Module, deltas: torch.Tensor | None = None) -> dict[str
         if bucket:
             v = torch.cat(bucket)
             out[f"abar_{role}_min"], out[f"abar_{role}_max"] = v.min().item(), v.max().item()
-    a_logs = [adapter.mixer(b).A_log.detach().float() for b in adapter.blocks()]
+    a_logs = [adapter.ssm_mixer(adapter.blocks()[i]).A_log.detach().float() for i in adapter.ssm_layers()]
     out["a_log_all_finite"] = all(bool(torch.isfinite(a).all()) for a in a_logs)
     return out

@@ -30,29 +30,28 @@ with the same backend), so the logit check compares the surgery, not two scans.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
-from ..adapters import get_adapter
+from ..adapters import MAMBA_FAMILIES, get_adapter
 from ..errors import SsmdiagError
+from .grow import grow_mamba1_layer, grow_mamba2_layer, mamba2_growth
 from .masks import mixer_prefixes
 from .record import ROLES, PolarizeReport, check_not_polarized, operation, record_operation, set_polar_a_log
 
-POLARIZABLE = ("mamba", "falcon_mamba", "mamba2")
-B_NEW_SCALE = 1e-3  # new B rows, relative to the existing rows' std (Adam's steps do not depend on it)
-OUT_NEW_SCALE = 1e-2  # new Mamba-2 out_proj columns, relative
 Slots = tuple[list[int], list[int], list[int], str]  # one, zero, added, how
 MODES = ("add", "replace")  # --mode
 
 
 def check_polarizable(model: nn.Module, channels: str, mode: str) -> str:
     """Refuse non-SSM models and unknown options; return the family."""
-    family = get_adapter(model).family
-    if family not in POLARIZABLE:
-        raise SsmdiagError(f"polarization needs an SSM, but this is a {family} model",
-                           hint="use a Mamba, Mamba-2 or FalconMamba checkpoint")
+    adapter = get_adapter(model)
+    family = adapter.family
+    if not adapter.is_ssm:
+        raise SsmdiagError(f"polarization needs an SSM, but ssmdiag sees no Mamba SSM layers in "
+                           f"{adapter.model_type} models",
+                           hint=f"use a Mamba-based checkpoint (families: {', '.join(MAMBA_FAMILIES)})")
     if channels not in ROLES:
         raise SsmdiagError(f"unknown --channels '{channels}'", hint="use one, zero or both")
     if mode not in MODES:
@@ -80,26 +79,30 @@ def polarize_model(model: nn.Module, channels: str = "both", mode: str = "add", 
     """
     family = check_polarizable(model, channels, mode)
     adapter = get_adapter(model)
-    chosen = list(range(adapter.num_layers)) if layers is None else sorted(set(layers))
-    if any(not 0 <= i < adapter.num_layers for i in chosen):
-        raise SsmdiagError(f"layers {chosen} are out of range: the model has {adapter.num_layers} layers",
-                           hint=f"use layer indices within 0-{adapter.num_layers - 1}")
+    ssm = adapter.ssm_layers()
+    chosen = ssm if layers is None else sorted(set(layers))
+    if any(i not in ssm for i in chosen):
+        bad = [i for i in chosen if i not in ssm]
+        raise SsmdiagError(f"layers {bad} are not SSM layers of this {adapter.model_type} model "
+                           f"({adapter.num_layers} layers, pattern {''.join(adapter.layer_pattern())})",
+                           hint=f"its SSM layers are {_ranges(ssm)}")
     roles = ROLES[channels]
     check_not_polarized(model.config, roles, chosen)
     gen = torch.Generator().manual_seed(seed)
     cfg = copy.deepcopy(model.config)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     prefixes = mixer_prefixes(model)
-    if family == "mamba2":
+    keys = adapter.ssm_config_keys
+    if adapter.ssm_kind == "mamba2":
         unit, size_before = "head", adapter.n_heads
         surgery = _mamba2_add if mode == "add" else _mamba2_replace
-        one, zero, added, how = surgery(cfg, sd, prefixes, roles, chosen, gen)
-        size_after = int(cfg.num_heads)
+        one, zero, added, how = surgery(cfg, sd, prefixes, roles, chosen, gen, keys)
+        size_after = int(getattr(cfg, keys["heads"]))
     else:
         unit, size_before = "state_channel", adapter.d_state
         surgery = _mamba1_add if mode == "add" else _mamba1_replace
-        one, zero, added, how = surgery(cfg, sd, prefixes, roles, chosen, gen, falcon=family == "falcon_mamba")
-        size_after = int(cfg.state_size)
+        one, zero, added, how = surgery(cfg, sd, prefixes, roles, chosen, gen, keys, adapter.ssm_variant)
+        size_after = int(getattr(cfg, keys["state"]))
     op = operation(unit, mode, channels, chosen, one, zero, added)
     record_operation(cfg, {**op, "source": source, "seed": seed})
     new_model = _rebuild(model, cfg, sd)
@@ -147,16 +150,20 @@ def _rebuild(model: nn.Module, new_cfg, new_sd: dict[str, torch.Tensor]) -> nn.M
     return new
 
 
-def _polarize_chosen(sd: dict, prefixes: list[str], chosen: list[int], one: list[int], zero: list[int]) -> None:
+def _ranges(layers: list[int]) -> str:
+    return ",".join(str(i) for i in layers)
+
+
+def _polarize_chosen(sd: dict, prefixes: dict[int, str], chosen: list[int], one: list[int], zero: list[int]) -> None:
     """Write the polarized A values into the chosen layers' A_log (replace mode)."""
     for layer in chosen:
         set_polar_a_log(sd[f"{prefixes[layer]}.A_log"], one, zero)
 
 
 # --- Mamba-1 / FalconMamba ----------------------------------------------------------------------
-def _mamba1_replace(cfg, sd, prefixes, roles, chosen, gen, falcon) -> Slots:
+def _mamba1_replace(cfg, sd, prefixes, roles, chosen, gen, keys, variant) -> Slots:
     """Repurpose state channel 0 (Ā ≡ 1) and n-1 (Ā ≡ 0): A only, B and C rows kept."""
-    n = int(cfg.state_size)
+    n = int(getattr(cfg, keys["state"]))
     if n < 2 and len(roles) == 2:
         raise SsmdiagError("replace mode needs d_state >= 2 to hold both channels", hint="use --mode add")
     one = [0] if "one" in roles else []
@@ -165,37 +172,43 @@ def _mamba1_replace(cfg, sd, prefixes, roles, chosen, gen, falcon) -> Slots:
     return one, zero, [], f"repurposed state channel(s) {one + zero} of d_state {n} (A only; B and C rows kept)"
 
 
-def _mamba1_add(cfg, sd, prefixes, roles, chosen, gen, falcon) -> Slots:
+def _mamba1_add(cfg, sd, prefixes, roles, chosen, gen, keys, variant) -> Slots:
     """Append len(roles) state channels (more for FalconMamba, see below) to every layer; polarize the chosen ones."""
-    n, dt_rank = int(cfg.state_size), int(cfg.time_step_rank)
+    n, dt_rank = int(getattr(cfg, keys["state"])), int(getattr(cfg, keys["dt_rank"]))
     m, m_dt = len(roles), 0
+    falcon = variant == "falcon"
     # FalconMamba's weightless RMSNorms share one ε (mixer_rms_eps) over Δ (dt_rank), B and C (n). A zero row
     # dilutes mean(x²) by n/(n+m); scaling ε by the same factor makes the rescaling exact. That needs Δ diluted alike:
     # m_dt = m·dt_rank/n zero Δ rows; when that is not a whole number, add free (unpolarized) state channels
-    # until it is.
-    if falcon:
+    # until it is.  Jamba's B/C RMSNorms have weights, which take the rescaling back, but their ε is the config's one
+    # rms_norm_eps, shared with every block norm, so it stays: Jamba's add mode is exact up to ε / mean(B²).
+    eps_key = {"falcon": "mixer_rms_eps"}.get(variant)
+    if eps_key:
         m = next(mm for mm in range(m, m + n + 1) if (mm * dt_rank) % n == 0)
         m_dt = m * dt_rank // n
     if m_dt:
-        cfg.mixer_rms_eps = float(cfg.mixer_rms_eps) * n / (n + m)
-        cfg.time_step_rank = dt_rank + m_dt
+        setattr(cfg, eps_key, float(getattr(cfg, eps_key)) * n / (n + m))
+        setattr(cfg, keys["dt_rank"], dt_rank + m_dt)
     one, zero = appended_slots(roles, n)
-    for layer, pre in enumerate(prefixes):
+    for layer, pre in prefixes.items():
         polar = layer in chosen
-        _grow_mamba1_layer(sd, pre, n, dt_rank, m, m_dt, one if polar else [], zero if polar else [], falcon, gen)
-    cfg.state_size = n + m
+        grow_mamba1_layer(sd, pre, n, dt_rank, m, m_dt, one if polar else [], zero if polar else [], variant, gen)
+    setattr(cfg, keys["state"], n + m)
     added = list(range(n, n + m))
     how = (f"d_state {n} -> {n + m}: new state channels {added} with B rows small and C rows zero in x_proj"
+           + (" (per head)" if variant == "zamba" else "")
            + (", D x s and out_proj / s with s = (n+m)/n to cancel the B/C RMSNorm rescaling" if falcon else "")
            + (f", {m_dt} zero Δ rows and ε x n/(n+m) so the rescaling is exact" if m_dt else "")
+           + (", the B/C RMSNorm weights x sqrt(n/(n+m)) to cancel their rescaling (exact up to the norms' ε, "
+              "which the config shares with every block norm)" if variant == "jamba" else "")
            + "; unpolarized layers get the same channels with ordinary A")
     return one, zero, added, how
 
 
 # --- Mamba-2 ----------------------------------------------------------------------------------------
-def _mamba2_replace(cfg, sd, prefixes, roles, chosen, gen) -> Slots:
+def _mamba2_replace(cfg, sd, prefixes, roles, chosen, gen, keys) -> Slots:
     """Repurpose the first head (Ā ≡ 1) and the last head (Ā ≡ 0) of every group: A only."""
-    h, g = int(cfg.num_heads), int(cfg.n_groups)
+    h, g = int(getattr(cfg, keys["heads"])), int(getattr(cfg, keys["groups"]))
     hpg = h // g
     if hpg < len(roles):
         raise SsmdiagError(f"replace mode needs {len(roles)} heads per group; this model has {hpg}",
@@ -206,116 +219,29 @@ def _mamba2_replace(cfg, sd, prefixes, roles, chosen, gen) -> Slots:
     return one, zero, [], f"repurposed heads {one + zero} (first/last head of each of the {g} groups; A only)"
 
 
-def _mamba2_add(cfg, sd, prefixes, roles, chosen, gen) -> Slots:
+def _mamba2_add(cfg, sd, prefixes, roles, chosen, gen, keys) -> Slots:
     """Append whole new B/C groups of heads (gates closed) to every layer; polarize heads of the chosen layers."""
-    h, g = int(cfg.num_heads), int(cfg.n_groups)
+    h, g = int(getattr(cfg, keys["heads"])), int(getattr(cfg, keys["groups"]))
+    p, n = int(getattr(cfg, keys["head_dim"])), int(getattr(cfg, keys["state"]))
     hpg = h // g
-    e, g_new = _mamba2_growth(cfg, len(roles))
+    e, g_new = mamba2_growth(cfg, keys, len(roles))
     m = g_new * hpg
     if hpg >= len(roles):  # the first heads of every new group
         slots = {role: [h + gi * hpg + j for gi in range(g_new)] for j, role in enumerate(roles)}
     else:  # one head per group: alternate roles over the new groups
         slots = {role: [h + gi * hpg for gi in range(j, g_new, len(roles))] for j, role in enumerate(roles)}
     one, zero = slots.get("one", []), slots.get("zero", [])
-    for layer, pre in enumerate(prefixes):
+    for layer, pre in prefixes.items():
         polar = layer in chosen
-        _grow_mamba2_layer(sd, pre, cfg, m, g_new, one if polar else [], zero if polar else [], gen)
-    cfg.expand = int(cfg.expand) + e
-    cfg.num_heads = h + m
-    cfg.n_groups = g + g_new
-    how = (f"heads {h} -> {h + m} in {g_new} new B/C group(s) (expand +{e}, n_groups {g} -> {g + g_new}): the new "
+        grow_mamba2_layer(sd, pre, (h, p, g, n), m, g_new, one if polar else [], zero if polar else [], gen)
+    if e:
+        setattr(cfg, keys["expand"], int(getattr(cfg, keys["expand"])) + e)
+    if keys.get("d_inner") and getattr(cfg, keys["d_inner"], None) is not None:
+        setattr(cfg, keys["d_inner"], (h + m) * p)
+    setattr(cfg, keys["heads"], h + m)
+    setattr(cfg, keys["groups"], g + g_new)
+    grown = f"expand +{e}, " if e else ""
+    how = (f"heads {h} -> {h + m} in {g_new} new B/C group(s) ({grown}n_groups {g} -> {g + g_new}): the new "
            "heads' gate rows z are zero, so silu(z) = 0 makes their gated output exactly 0, and as they form "
            "their own RMSNorm groups the old groups' normalisation is untouched")
     return one, zero, list(range(h, h + m)), how
-
-
-# --- growing one layer's tensors ----------------------------------------------------------------------
-def _std(t: torch.Tensor) -> float:
-    """The spread new random rows are scaled to (1.0 for a single entry)."""
-    return float(t.float().std()) if t.numel() > 1 else 1.0
-
-
-def _grow_mamba1_layer(sd: dict, pre: str, n: int, dt_rank: int, m: int, m_dt: int, one: list[int], zero: list[int],
-                       falcon: bool, gen: torch.Generator) -> None:
-    """Append m state channels (and m_dt zero Δ rows) to one Mamba-1 / FalconMamba layer's tensors, in place.
-
-    Args:
-        one, zero: which of the new channels (indices n … n+m-1) get Ā ≡ 1 / Ā ≡ 0; the rest get ordinary A.
-    """
-    w = sd[f"{pre}.x_proj.weight"]  # (dt_rank + 2n, d): rows [Δ | B | C]
-    d = w.shape[1]
-    b_new = torch.randn(m, d, generator=gen) * _std(w[dt_rank:dt_rank + n]) * B_NEW_SCALE
-    sd[f"{pre}.x_proj.weight"] = torch.cat(
-        [w[:dt_rank], torch.zeros(m_dt, d).to(w), w[dt_rank:dt_rank + n], b_new.to(w), w[dt_rank + n:],
-         torch.zeros(m, d).to(w)], dim=0)
-    if m_dt:  # zero Δ rows rescale the Δ RMSNorm like B and C; dt_proj's old columns take the factor back
-        wdt = sd[f"{pre}.dt_proj.weight"]  # (d, dt_rank)
-        sd[f"{pre}.dt_proj.weight"] = torch.cat(
-            [(wdt.float() / math.sqrt((dt_rank + m_dt) / dt_rank)).to(wdt), torch.zeros(d, m_dt).to(wdt)], dim=1)
-    a_log = sd[f"{pre}.A_log"]  # (d, n)
-    ordinary = torch.tensor([math.log(n + 1 + j) for j in range(m)])  # S4D-real: A = -(n+1), -(n+2), …
-    sd[f"{pre}.A_log"] = grown = torch.cat([a_log, ordinary.expand(d, m).to(a_log)], dim=1)  # (d, n + m)
-    set_polar_a_log(grown, one, zero)
-    if falcon:  # both normalised B and C grow by sqrt((n+m)/n); move that factor out of y
-        s = (n + m) / n
-        for name, factor in (("D", s), ("out_proj.weight", 1 / s)):
-            t = sd[f"{pre}.{name}"]
-            sd[f"{pre}.{name}"] = (t.float() * factor).to(t.dtype)
-
-
-def _mamba2_growth(cfg, m: int) -> tuple[int, int]:
-    """Smallest integer expand increment e that adds whole groups (g' of them) holding >= m heads in all.
-
-    transformers needs hidden·expand = heads·head_dim with an integer expand, and every group the same
-    number of heads, so e·hidden/head_dim new heads must be a multiple of heads-per-group.
-    """
-    hidden, p, g, h = int(cfg.hidden_size), int(cfg.head_dim), int(cfg.n_groups), int(cfg.num_heads)
-    hpg = h // g
-    for e in range(1, 8 * p * g + 1):
-        if (hidden * e) % p or (hidden * e // p) % hpg:
-            continue
-        g_new = hidden * e // p // hpg
-        if g_new >= 1 and g_new * hpg >= m and (hpg >= m or g_new >= m):
-            return e, g_new
-    raise SsmdiagError("cannot add Mamba-2 heads: no integer expand increment fits head_dim and n_groups",
-                       hint="use --mode replace")
-
-
-def _grow_mamba2_layer(sd: dict, pre: str, cfg, m: int, g_new: int, one: list[int], zero: list[int],
-                       gen: torch.Generator) -> None:
-    """Append m heads in g_new new groups to one Mamba-2 layer's tensors, in place (all new parts go at the end).
-
-    Args:
-        one, zero: which new heads (indices h … h+m-1) get Ā ≡ 1 / Ā ≡ 0; the rest get the layer's median A.
-    """
-    h, p, g, n = int(cfg.num_heads), int(cfg.head_dim), int(cfg.n_groups), int(cfg.state_size)
-    d, gn, gn_new = h * p, g * n, g_new * n
-
-    def rand(rows, like, scale=1.0):
-        return (torch.randn((rows, *like.shape[1:]), generator=gen) * _std(like) * scale).to(like.dtype)
-
-    def zeros(rows, like):
-        return torch.zeros((rows, *like.shape[1:]), dtype=like.dtype)
-
-    for name in ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias"):
-        key = f"{pre}.{name}"
-        if key not in sd:
-            continue
-        w, fill = sd[key], rand if name.endswith("weight") else zeros
-        x, b, c = (w[d:2 * d], w[2 * d:2 * d + gn], w[2 * d + gn:2 * d + 2 * gn]) if name.startswith("in_proj") \
-            else (w[:d], w[d:d + gn], w[d + gn:])
-        parts = [x, fill(m * p, x), b, fill(gn_new, b), c, fill(gn_new, c)]
-        if name.startswith("in_proj"):  # rows [z | x | B | C | dt]; gate rows 0: silu(0) = 0 silences the new heads
-            z, dt = w[:d], w[2 * d + 2 * gn:]
-            parts = [z, zeros(m * p, z)] + parts + [dt, fill(m, dt)]
-        sd[key] = torch.cat(parts, dim=0)
-    a_log = sd[f"{pre}.A_log"]  # (h,)
-    sd[f"{pre}.A_log"] = grown = torch.cat([a_log, torch.full((m,), float(a_log.float().median()), dtype=a_log.dtype)])
-    set_polar_a_log(grown, one, zero)
-    sd[f"{pre}.D"] = torch.cat([sd[f"{pre}.D"], torch.ones(m, dtype=sd[f"{pre}.D"].dtype)])
-    dtb = sd[f"{pre}.dt_bias"]
-    sd[f"{pre}.dt_bias"] = torch.cat([dtb, torch.full((m,), float(dtb.float().median()), dtype=dtb.dtype)])
-    nw = sd[f"{pre}.norm.weight"]
-    sd[f"{pre}.norm.weight"] = torch.cat([nw, torch.full((m * p,), float(nw.float().mean()), dtype=nw.dtype)])
-    ow = sd[f"{pre}.out_proj.weight"]  # (hidden, d): columns are channels
-    sd[f"{pre}.out_proj.weight"] = torch.cat([ow, rand(m * p, ow.T, OUT_NEW_SCALE).T], dim=1)
