@@ -239,21 +239,36 @@ def _from_preset(preset: Preset, seed: int, dtype: str, meta: bool):
     return model, config, family_of(config)
 
 
+# the SSM parameters `info` reads (A, D, Δ bias; Mamba-1's dt_proj.bias below); the rest stays on the meta device
+_SSM_SMALL_PARAMS = ("A_log", "D", "dt_bias", "dt_proj_bias")
+
+
 def _materialize_ssm_parameters(model: nn.Module, seed: int) -> None:
-    """On a meta-device model, give each SSM mixer real A_log / D / Δ-bias values from its own init (small)."""
+    """On a meta-device model, give each SSM mixer real A_log / D / Δ-bias values from its own init (small).
+
+    The mixer's own init method when it has one (Mamba, Mamba-2, FalconMamba, Bamba, Falcon-H1), else the
+    model's `_init_weights` on just that mixer (Jamba, Zamba, Zamba2, Nemotron-H, Granite-4.0-H): the same
+    values `from_config` would give those parameters.
+    """
     torch.manual_seed(seed)
     for mixer in model.modules():
-        init = getattr(mixer, "init_mamba2_weights", None) or getattr(mixer, "init_mamba_weights", None)
-        if init is None or not hasattr(mixer, "A_log"):
+        if not isinstance(getattr(mixer, "A_log", None), nn.Parameter):
             continue
-        owners = [(mixer, "A_log"), (mixer, "D"), (mixer, "dt_bias")]
-        if hasattr(mixer, "dt_proj"):
-            owners += [(mixer.dt_proj, "weight"), (mixer.dt_proj, "bias")]
+        owners = [(mixer, name) for name in _SSM_SMALL_PARAMS]
+        if isinstance(getattr(mixer, "dt_proj", None), nn.Linear):
+            owners.append((mixer.dt_proj, "bias"))  # its weight's init is a no-op on the meta device
         for owner, pname in owners:
             param = getattr(owner, pname, None)
             if isinstance(param, nn.Parameter):
                 setattr(owner, pname, nn.Parameter(torch.empty(param.shape, dtype=torch.float32)))
-        init()
+        own = [getattr(mixer, n) for n in dir(type(mixer)) if n.startswith("init_") and n.endswith("_weights")]
+        if own:
+            own[0]()
+            continue
+        with torch.no_grad():
+            model._init_weights(mixer)
+            if isinstance(getattr(mixer, "dt_proj", None), nn.Linear):
+                model._init_weights(mixer.dt_proj)
 
 
 def load_model(

@@ -19,6 +19,7 @@ class Preset:
         hub_id: where the pretrained weights live on the hub.
         tokenizer: hub id of the matching tokenizer.
         config: keyword arguments for the transformers config class.
+        source: where the configuration comes from, and how far it was checked.
     """
 
     name: str
@@ -27,6 +28,7 @@ class Preset:
     aliases: tuple[str, ...]
     tokenizer: str
     config: dict[str, Any]
+    source: str = ""
 
 
 @lru_cache(maxsize=1)
@@ -35,7 +37,8 @@ def all_presets() -> dict[str, Preset]:
     raw = json.loads(resources.files("ssmdiag").joinpath("presets/presets.json").read_text())
     return {
         name: Preset(name=name, model_type=p["model_type"], hub_id=p["hub_id"], aliases=tuple(p["aliases"]),
-                     tokenizer=p["tokenizer"], config=dict(p["config"]))
+                     tokenizer=p["tokenizer"], config=dict(p["config"]),
+                     source=p.get("source", ""))
         for name, p in raw.items()
     }
 

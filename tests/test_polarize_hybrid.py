@@ -15,38 +15,62 @@ from tinyfamilies import MAMBA_HYBRIDS, make_hybrid, make_hybrid_config
 FAMILIES = sorted(MAMBA_HYBRIDS)
 
 
+def _exact_architecture(model, family: str) -> bool:
+    """Whether add mode can be exact here: not Jamba (its B/C RMSNorms share the config's ε with every block norm),
+    and a Mamba-2 gated RMSNorm that normalises per group (transformers 5.2x later releases; earlier ones normalise
+    over the whole width, where the new heads' zeros dilute mean(y²) and the weights take it back up to ε)."""
+    if family == "jamba":
+        return False
+    mixer = get_adapter(model).ssm_mixer(get_adapter(model).blocks()[get_adapter(model).ssm_layers()[0]])
+    norm = getattr(mixer, "norm", None)
+    return norm is None or not hasattr(norm, "weight") or any(hasattr(norm, a) for a in ("group_size", "n_groups"))
+
+
+_EPS_KEYS = ("rms_norm_eps", "layer_norm_epsilon")
+
+
+def _tiny_eps_model(family: str):
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_hybrid_config(family)
+    for key in _EPS_KEYS:
+        if hasattr(cfg, key):
+            setattr(cfg, key, 1e-20)  # far below mean(x²) of every norm input in these tiny models (~1e-8)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_add_mode_preserves_the_function_and_reloads_in_transformers(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = make_hybrid(family)
     new, rep = polarize_model(model, "both", "add")
-    # Jamba's B/C RMSNorms share the config's ε with every block norm, so its add mode is exact up to
-    # ε / mean(B²) (see the test below); every other family is exact
-    limit = 1e-4 if family == "jamba" else 1e-5
-    assert rep.max_abs_dlogit <= limit and rep.function_preserving
+    if _exact_architecture(model, family):
+        assert rep.max_abs_dlogit <= 1e-5
+    else:  # exact up to a shared norm ε (pinned down by the test below), and the report says so
+        assert "ε" in rep.how
+    assert rep.function_preserving
     assert rep.size_after > rep.size_before and rep.one and rep.zero
     adapter = get_adapter(new)
     for layer in adapter.ssm_layers():
         a = adapter.A(layer)
-        assert torch.all(a[..., rep.one] == 0) or torch.exp(a[..., rep.one]).min() == 1.0
+        assert torch.exp(a[..., rep.one]).min() == 1.0
         assert torch.exp(a[..., rep.zero] * 1e-4).max() < 1e-30
     new.save_pretrained(tmp_path)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(3, 384, (2, 33), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        before = model(ids, use_cache=False).logits
-        after = plain(ids, use_cache=False).logits
-    assert float((after - before).abs().max()) <= limit
+        patched = new(ids, use_cache=False).logits
+        reloaded = plain(ids, use_cache=False).logits
+    assert float((reloaded - patched).abs().max()) <= 1e-5
 
 
-def test_jamba_add_mode_is_exact_but_for_the_shared_norm_eps():
-    from transformers import AutoModelForCausalLM
-
-    cfg = make_hybrid_config("jamba")
-    cfg.rms_norm_eps = 1e-12
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_add_mode_is_exact_but_for_the_norms_eps(family):
+    """With ε → 0 every family's add mode is exact on every supported transformers: what is left in the test
+    above is ε / mean(x²) of a norm whose ε the config shares (Jamba's B/C norms, whole-width gated norms)."""
+    model = _tiny_eps_model(family)
     _, rep = polarize_model(model, "both", "add")
     assert rep.max_abs_dlogit < 1e-6
 

@@ -70,7 +70,15 @@ def smooth_notes(m: Any, res: Any, spectrum: bool | None) -> list[str]:
     """Notes on what one model's smoothing did other than asked (m: LoadedModel, res: SmoothingResult, --spectrum)."""
     notes = []
     if spectrum and not m.adapter.is_ssm:
-        notes.append(f"--spectrum skipped for {m.name}: not an SSM ({m.family})")
+        notes.append(f"--spectrum skipped for {m.name}: not an SSM ({m.adapter.model_type}: no SSM layers "
+                     "ssmdiag can read)")
+    if getattr(res, "view", "blocks") == "hidden_states":
+        notes.append(f"{m.name}: {m.adapter.model_type} has no ssmdiag adapter: token sharpness from "
+                     "output_hidden_states only (last entry usually after the final norm); no mixer, state or Ā "
+                     "view")
+    elif not m.adapter.is_ssm and any(la.mixer_output is None for la in res.layers):
+        notes.append(f"{m.name}: mixer input/output not found in some {m.adapter.model_type} blocks; block "
+                     "sharpness only there")
     if m.adapter.is_ssm and m.backend == "hf":
         notes.append(f"{m.name}: --backend hf cannot return memory states; its SSM scans ran through "
                      "ssmdiag.kernels (torch) for this run")
@@ -78,22 +86,3 @@ def smooth_notes(m: Any, res: Any, spectrum: bool | None) -> list[str]:
         notes.append(f"{m.name}: memory states compared at {res.state_tokens} random positions per sequence "
                      "(every token's states would exceed the memory budget)")
     return notes
-
-
-def info_tables(title: str, summary: Any, doc: dict[str, Any]) -> list[Table]:
-    """The checkpoint's properties, then A and Ā per SSM layer.
-
-    Args: title: the model spec as given. summary: metrics.summary.ModelSummary. doc: the info result.
-    """
-    rows = [("family", summary.family), ("parameters", f"{summary.parameters:,}"), ("layers", summary.layers),
-            ("hidden size", summary.hidden_size), ("d_inner", summary.d_inner), ("d_state", summary.d_state),
-            ("heads (Mamba-2)", summary.heads), ("vocab", summary.vocab_size), ("dtype", doc["dtype"]),
-            ("device", doc["device"]), ("scan backend", doc["backend"]), ("tokenizer", doc["tokenizer"] or "none")]
-    tables = [console.table(title, ["property", "value"], rows)]
-    if summary.layers_a:
-        tables.append(console.table(
-            f"A and Ā = exp(Δ·A) per layer ({summary.delta_rule})",
-            ["layer", "A min", "A median", "A max", "Ā min", "Ā median", "Ā max"],
-            [(la.layer, f(la.a_min), f(la.a_median), f(la.a_max), f(la.abar_min), f(la.abar_median), f(la.abar_max))
-             for la in summary.layers_a]))
-    return tables

@@ -14,7 +14,7 @@ from ..metrics.summary import summarize_model
 from ..options import (DEFAULT_OUT, Backend, BackendOpt, DeviceOpt, Dtype, DtypeOpt, Init, InitOpt, JsonOpt, ModelArg,
                        OutOpt, QuietOpt, SeedOpt, TokenizerOpt, TrustRemoteCodeOpt)
 from ..results import start_run
-from ._report import info_tables
+from ._report_layers import info_tables
 
 
 def main(

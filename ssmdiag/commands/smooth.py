@@ -18,6 +18,7 @@ from ..options import (DEFAULT_OUT, Backend, BackendOpt, DeviceOpt, Dtype, Dtype
 from ..plots.smooth import plot_sharpness, plot_spectrum
 from ..results import start_run
 from ._report import smooth_notes, smooth_table
+from ._report_layers import smooth_layer_tables
 
 Opt = typer.Option
 
@@ -67,5 +68,6 @@ def main(
     doc = run.finish({"models": [{"name": n, **vars(r)} for n, r in results], "comparisons": comparisons},
                      backend=",".join(sorted({m.backend for m in loaded})))
     console.log(f"wrote {run.path}")
-    console.emit(doc, [smooth_table(results, metric.value, comparisons)], as_json=as_json)
+    console.emit(doc, [smooth_table(results, metric.value, comparisons), *smooth_layer_tables(results, metric.key)],
+                 as_json=as_json)
 

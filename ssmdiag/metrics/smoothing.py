@@ -2,10 +2,13 @@
 
 Per block, on the same token sequences, the sharpness (ssmdiag.metrics.sharpness) of
     block_input   the residual stream entering the block
-    mixer_input   the mixer's input, after the block's pre-norm
-    states        the memory states h_t (SSM only: all d_inner × d_state numbers of a token; per head for Mamba-2)
+    mixer_input   what the token mixer is called with (after the block's pre-norm)
+    states        the memory states h_t (SSM layers only: all d_inner × d_state numbers of a token; per head for
+                  Mamba-2 kinds)
     mixer_output  what the mixer (SSM or attention) returns
     block_output  the residual stream leaving the block
+A hybrid's mixer is its SSM mixer where the block has one (M, P, S blocks), else its attention (A); MLP-only blocks
+(F) have none.  Families without an adapter get block input / output from output_hidden_states only.
 Theorem 4.2 says an SSM layer's states are no sharper than its input under its assumptions; the state /
 mixer-input ratio per layer and the share of layers where it is ≤ 1 say how far a real checkpoint follows that.
 
@@ -29,30 +32,36 @@ from typing import Any, Callable
 
 import torch
 
-from .sharpness import METRICS, Sharpness, average_sharpness, compute_sharpness, depth_slope
+from ..errors import SsmdiagError
+from .sharpness import (METRICS, Sharpness, average_sharpness, compute_sharpness, depth_slope,  # noqa: F401
+                        mean_interval, norm_free_slopes, t975)
 from .spectrum import SpectrumResult, summarize_spectrum
 
 STATE_BUDGET = 4 << 30  # bytes of one layer's states for one sequence (mamba-1.4b at 2048 tokens: 0.5 GiB)
 EXACT_MAX_TOKENS = 4096  # beyond this many tokens, sample pairs unless told otherwise
 DEFAULT_PAIRS = 1_000_000
 HEADLINE = "scale_free"  # the norm-free metric of the headline slope
-# Student-t 0.975 quantiles for 1..30 degrees of freedom (beyond: the normal 1.96 plus a small correction)
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
 
 
 @dataclass
 class LayerSmoothing:
-    """Sharpness at each place of one block (mean over samples); `ratio` = states / mixer_input per metric."""
+    """Sharpness at each place of one block (mean over samples); `ratio` = states / mixer_input per metric.
+
+    kind: the block's letter (adapters.PATTERN_LETTERS: M SSM, A attention, P both in parallel, S shared attention
+    then SSM, F MLP only, ? unknown).  mixer_input / mixer_output are None where the block has no token mixer
+    ssmdiag can find (F blocks; every block of a family seen through hidden states only).
+    """
 
     layer: int
     block_input: Sharpness
-    mixer_input: Sharpness
-    mixer_output: Sharpness
+    mixer_input: Sharpness | None
+    mixer_output: Sharpness | None
     block_output: Sharpness
     states: Sharpness | None = None
     ratio: dict[str, float] | None = None
     ratio_samples: list[float] = field(default_factory=list)  # the primary metric's ratio per sample
+    kind: str = "?"
 
 
 @dataclass
@@ -94,6 +103,7 @@ class SmoothingResult:
     norm_free_slope_samples: list[float] = field(default_factory=list)
     norm_free_first: float | None = None  # block-output scale-free sharpness, first and last layer
     norm_free_last: float | None = None
+    view: str = "blocks"  # "blocks" (hooks on each block and mixer) | "hidden_states" (model-agnostic view)
 
 
 @dataclass
@@ -105,40 +115,6 @@ class SlopeComparison:
     difference: float
     ci95: tuple[float, float] | None
     verdict: str  # "first smooths faster" | "second smooths faster" | "no detectable difference"
-
-
-def t975(df: float) -> float:
-    """The Student-t 0.975 quantile for `df` degrees of freedom (rounded down to an integer; df ≥ 1)."""
-    k = max(1, int(math.floor(df)))
-    return T975[k - 1] if k <= len(T975) else 1.96 + 2.4 / k
-
-
-def mean_interval(values: list[float]) -> tuple[float, tuple[float, float] | None]:
-    """Mean and Student-t 95% interval of the mean (None with fewer than 2 finite values).
-
-    Args:
-        values: one number per sample.
-    """
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return float("nan"), None
-    m = sum(v) / len(v)
-    if len(v) < 2:
-        return m, None
-    half = t975(len(v) - 1) * math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v))
-    return m, (m - half, m + half)
-
-
-def norm_free_slopes(per_layer_samples: list[list[float]]) -> tuple[float, tuple[float, float] | None, list[float]]:
-    """Per-sample slope of ln(scale-free sharpness) per layer, their mean and Student-t 95% interval.
-
-    Args:
-        per_layer_samples: [layer][sample] block-output scale-free sharpness.
-    """
-    n = len(per_layer_samples[0]) if per_layer_samples else 0
-    slopes = [depth_slope([layer[s] for layer in per_layer_samples]) for s in range(n)]
-    mean, ci = mean_interval(slopes)
-    return mean, ci, slopes
 
 
 def compare_slopes(first: tuple[str, SmoothingResult], second: tuple[str, SmoothingResult]) -> SlopeComparison:
@@ -164,27 +140,42 @@ def compare_slopes(first: tuple[str, SmoothingResult], second: tuple[str, Smooth
     return SlopeComparison(first=na, second=nb, difference=diff, ci95=ci, verdict=verdict)
 
 
+def _hidden(args, kwargs) -> torch.Tensor | None:
+    """The (b, l, e) hidden states a block or mixer was called with: first positional tensor or `hidden_states`."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    x = kwargs.get("hidden_states")
+    return x if isinstance(x, torch.Tensor) else None
+
+
 class _Probe:
     """Forward hooks that reduce each tensor to sharpness as soon as it exists.
 
-    With a kernels Recorder, the mixer hook also takes the layer's record (states, Ā extremes) right after
-    its scan ran, reduces it and drops it, so one forward needs only one layer's states at a time.
+    Per block: its input and output, and its token mixer's input and output (the SSM mixer where the block has
+    one — Falcon-H1's parallel blocks and Zamba's shared-attention blocks included — else its attention; MLP-only
+    blocks have none).  With a kernels Recorder, an SSM mixer's hook also takes the layer's record (states, Ā
+    extremes) right after its scan ran, reduces it and drops it, so one forward holds one layer's states at a time.
     """
 
     def __init__(self, adapter, pairs: int | None, seed: int, recorder=None, advance=None):
         self.pairs, self.seed, self.recorder, self.advance = pairs, seed, recorder, advance
-        self.family = adapter.family
+        self.ssm_kind = adapter.ssm_kind
         self.values: dict[tuple[int, str], Sharpness] = {}
         self.abar: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_output = None  # (identity of the last block output, its Sharpness): the next block's input
         self.handles = []
         for i, block in enumerate(adapter.blocks()):
-            self.handles.append(block.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self.handles.append(block.register_forward_pre_hook(self._pre(i, "block_input"), with_kwargs=True))
             self.handles.append(block.register_forward_hook(self._post(i, "block_output")))
-            self.handles.append(adapter.mixer_norm(block).register_forward_hook(self._post(i, "mixer_input")))
-            self.handles.append(adapter.mixer(block).register_forward_hook(self._post(i, "mixer_output")))
+            ssm = adapter.ssm_mixer(block)
+            mixer = ssm if ssm is not None else adapter.mixer(block)
+            if mixer is not None:
+                self.handles.append(mixer.register_forward_pre_hook(self._pre(i, "mixer_input"), with_kwargs=True))
+                self.handles.append(mixer.register_forward_hook(self._post(i, "mixer_output", ssm is not None)))
 
-    def _measure(self, layer: int, where: str, tensor: torch.Tensor) -> None:
+    def _measure(self, layer: int, where: str, tensor: torch.Tensor | None) -> None:
+        if tensor is None or (layer, where) in self.values:  # a mixer called twice (shared blocks): keep the first
+            return
         key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor._version)
         if where == "block_input" and self._last_output is not None and self._last_output[0] == key:
             self.values[(layer, where)] = self._last_output[1]  # the previous block's output, unchanged: reuse
@@ -193,23 +184,25 @@ class _Probe:
         if where == "block_output":
             self._last_output = (key, value)
 
-    def _pre(self, layer: int):
+    def _pre(self, layer: int, where: str):
         def hook(module, args, kwargs):
-            self._measure(layer, "block_input", args[0] if args else kwargs["hidden_states"])
+            self._measure(layer, where, _hidden(args, kwargs))
         return hook
 
-    def _post(self, layer: int, where: str):
+    def _post(self, layer: int, where: str, ssm: bool = False):
         def hook(module, args, output):
             self._measure(layer, where, output[0] if isinstance(output, (tuple, list)) else output)
-            if where == "mixer_output" and self.recorder is not None:
-                self._take_record(layer, self.recorder.layers.pop(getattr(module, "layer_idx", layer)))
+            if ssm and self.recorder is not None:
+                rec = self.recorder.layers.pop(int(getattr(module, "layer_idx", layer)), None)
+                if rec is not None:
+                    self._take_record(layer, rec)
             if where == "block_output" and self.advance:
                 self.advance(1)
         return hook
 
     def _take_record(self, layer: int, rec) -> None:
         if rec.states is not None:
-            self.values[(layer, "states")] = compute_sharpness(_state_parts(rec.states[0], self.family),
+            self.values[(layer, "states")] = compute_sharpness(_state_parts(rec.states[0], self.ssm_kind),
                                                                self.pairs, self.seed)
         if rec.abar_min is not None:
             self.abar[layer] = (rec.abar_min.float().cpu(), rec.abar_max.float().cpu())
@@ -219,11 +212,35 @@ class _Probe:
             h.remove()
 
 
-def _state_parts(states: torch.Tensor, family: str) -> torch.Tensor:
-    """One sample's recorded states as (l, parts, features): Mamba-1 (l, d, n) -> one part; Mamba-2 per head."""
-    if family == "mamba2":  # (l, h, p, n)
+def _state_parts(states: torch.Tensor, kind: str | None) -> torch.Tensor:
+    """One sample's recorded states as (l, parts, features): Mamba-1 kinds (l, d, n) -> one part; Mamba-2 per head."""
+    if kind == "mamba2":  # (l, h, p, n)
         return states.flatten(2)
     return states.flatten(1).unsqueeze(1)  # (l, 1, d·n)
+
+
+def _hidden_state_values(model, adapter, ids: torch.Tensor, pairs: int | None, seed: int, advance=None) -> dict:
+    """The model-agnostic view: block inputs / outputs from `output_hidden_states` (families without an adapter).
+
+    Entry i of hidden_states is block i's input and entry i + 1 its output (most transformers models apply the
+    final norm to the last entry).
+    """
+    try:
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    except TypeError:  # a forward without a use_cache argument
+        out = model(input_ids=ids, output_hidden_states=True)
+    hidden = getattr(out, "hidden_states", None)
+    if not hidden or len(hidden) < 2:
+        raise SsmdiagError(f"smooth: {adapter.model_type} models return no per-block hidden states; "
+                           "this family is not supported yet",
+                           hint="smooth needs output_hidden_states or a Mamba-based family")
+    values = {}
+    for i in range(len(hidden) - 1):
+        values[(i, "block_input")] = values.get((i - 1, "block_output")) or compute_sharpness(hidden[i][0], pairs, seed)
+        values[(i, "block_output")] = compute_sharpness(hidden[i + 1][0], pairs, seed)
+        if advance:
+            advance(1)
+    return values
 
 
 def choose_pairs(seq_len: int, pairs: int | None) -> tuple[int | None, str | None]:
@@ -280,6 +297,7 @@ def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = 
         state_budget: bytes one layer's states of one sequence may take; beyond, a subset of positions.
         advance: progress callback, called once per block and sample.
     """
+    agnostic = adapter.family == "other"  # no adapter knowledge of its blocks: hidden states only
     want_states = adapter.is_ssm and states
     want_spectrum = adapter.is_ssm and spectrum
     device = next(model.parameters()).device
@@ -290,25 +308,34 @@ def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = 
     abar_lo: dict[int, torch.Tensor] = {}
     abar_hi: dict[int, torch.Tensor] = {}
     for s in range(input_ids.shape[0]):
+        ids = input_ids[s:s + 1].to(device)
+        if agnostic:
+            with torch.no_grad():
+                per_sample.append(_hidden_state_values(model, adapter, ids, pairs, seed + s, advance))
+            continue
         if want_states:
             positions = state_positions(seq_len, token_floats, state_budget, seed + s)
         how = None if not want_states else ("all" if positions is None else positions.to(device))
         with torch.no_grad(), _recording(model, how, want_spectrum) as recorder:
             probe = _Probe(adapter, pairs, seed + s, recorder, advance)
             try:
-                adapter.base()(input_ids=input_ids[s:s + 1].to(device), use_cache=False)
+                adapter.base()(input_ids=ids, use_cache=False)
             finally:
                 probe.remove()
         per_sample.append(probe.values)
         for i, (lo, hi) in probe.abar.items():
             abar_lo[i] = torch.minimum(abar_lo[i], lo) if i in abar_lo else lo
             abar_hi[i] = torch.maximum(abar_hi[i], hi) if i in abar_hi else hi
-    layers = [_layer_result(i, per_sample, metric) for i in range(len(adapter.blocks()))]
+    n_layers = 1 + max(i for i, where in per_sample[0] if where == "block_output")
+    kinds = adapter.layer_pattern()
+    kinds = kinds if len(kinds) == n_layers else ["?"] * n_layers
+    layers = [_layer_result(i, per_sample, metric, kinds[i]) for i in range(n_layers)]
     spec = None
-    if want_spectrum:
+    if want_spectrum and abar_lo:
         ids = sorted(abar_lo)
         spec = summarize_spectrum([abar_lo[i] for i in ids], [abar_hi[i] for i in ids], ids)
     res = _summarize(layers, adapter.family, adapter.is_ssm, metric, input_ids.shape, spec)
+    res.view = "hidden_states" if agnostic else "blocks"
     per_layer = [[v[(i, "block_output")].get(HEADLINE) for v in per_sample] for i in range(len(layers))]
     res.norm_free_slope, res.norm_free_slope_ci95, res.norm_free_slope_samples = norm_free_slopes(per_layer)
     res.norm_free_first, res.norm_free_last = (layers[0].block_output.get(HEADLINE),
@@ -318,7 +345,7 @@ def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = 
     return res
 
 
-def _layer_result(layer: int, per_sample: list[dict], metric: str) -> LayerSmoothing:
+def _layer_result(layer: int, per_sample: list[dict], metric: str, kind: str = "?") -> LayerSmoothing:
     """Average one layer's per-sample sharpness; the state / mixer-input ratios."""
 
     def avg(where: str) -> Sharpness | None:
@@ -326,7 +353,8 @@ def _layer_result(layer: int, per_sample: list[dict], metric: str) -> LayerSmoot
         return average_sharpness(items) if items else None
 
     res = LayerSmoothing(layer=layer, block_input=avg("block_input"), mixer_input=avg("mixer_input"),
-                         mixer_output=avg("mixer_output"), block_output=avg("block_output"), states=avg("states"))
+                         mixer_output=avg("mixer_output"), block_output=avg("block_output"), states=avg("states"),
+                         kind=kind)
     if res.states is not None:
         res.ratio = {m: _ratio(res.states.get(m), res.mixer_input.get(m)) for m in METRICS}
         res.ratio_samples = [_ratio(v[(layer, "states")].get(metric), v[(layer, "mixer_input")].get(metric))
@@ -343,7 +371,7 @@ def _ratio(num: float, den: float) -> float:
 def _summarize(layers: list[LayerSmoothing], family: str, is_ssm: bool, metric: str, shape, spec):
     """Model-level numbers: first/last block-output sharpness, slopes over depth, ratio statistics."""
     block_out = [la.block_output.get(metric) for la in layers]
-    mixer_out = [la.mixer_output.get(metric) for la in layers]
+    mixer_out = [la.mixer_output.get(metric) if la.mixer_output is not None else None for la in layers]
     first = layers[0].block_output
     res = SmoothingResult(
         family=family, is_ssm=is_ssm, metric=metric, seq_len=int(shape[1]), samples=int(shape[0]),

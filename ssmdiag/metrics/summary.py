@@ -1,4 +1,4 @@
-"""Model summary for `ssmdiag info`: sizes, and A / Ā = exp(Δ·A) per SSM layer (Mamba paper §3.5)."""
+"""Model summary for `ssmdiag info`: sizes, the layer pattern, and A / Ā = exp(Δ·A) per SSM layer (Mamba §3.5)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..adapters import Adapter
 
 @dataclass
 class LayerA:
-    """A and Ā statistics of one SSM layer (over all channels, or heads for Mamba-2)."""
+    """A and Ā statistics of one SSM layer (over all channels, or heads for Mamba-2 kinds); layer = block index."""
 
     layer: int
     a_min: float
@@ -25,6 +25,14 @@ class LayerA:
 
 @dataclass
 class ModelSummary:
+    """What `info` shows.
+
+    Args:
+        pattern: one letter per block (adapters.PATTERN_LETTERS), e.g. ["M", "A", "M"].
+        recurrence: whether ssmdiag reads this model's SSM recurrence (A, Δ, states).
+        ssm_kind: "mamba1" | "mamba2" | None.  ssm_layers: block indices holding an SSM mixer.
+    """
+
     family: str
     parameters: int
     layers: int
@@ -35,6 +43,13 @@ class ModelSummary:
     heads: int | None
     delta_rule: str | None
     layers_a: list[LayerA] = field(default_factory=list)
+    model_type: str = "?"
+    pattern: list[str] = field(default_factory=list)
+    recurrence: bool = False
+    ssm_kind: str | None = None
+    ssm_layers: list[int] = field(default_factory=list)
+    head_dim: int | None = None
+    groups: int | None = None
 
 
 def abar_at(A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -50,7 +65,7 @@ def abar_at(A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def summarize_model(adapter: Adapter, delta: float | None = None) -> ModelSummary:
-    """Sizes of any model, and for SSMs the per-layer A and Ā at a default Δ.
+    """Sizes and layer pattern of any model, and for models with SSM layers the A and Ā of each at a default Δ.
 
     Args:
         delta: fixed Δ for every channel; None uses each channel's Δ at zero input, softplus(dt_bias).
@@ -59,13 +74,15 @@ def summarize_model(adapter: Adapter, delta: float | None = None) -> ModelSummar
     summary = ModelSummary(
         family=adapter.family, parameters=params, layers=adapter.num_layers, hidden_size=adapter.hidden_size,
         vocab_size=adapter.vocab_size, d_inner=adapter.d_inner, d_state=adapter.d_state, heads=adapter.n_heads,
-        delta_rule=None,
+        delta_rule=None, model_type=adapter.model_type, pattern=adapter.layer_pattern(), recurrence=adapter.is_ssm,
+        ssm_kind=adapter.ssm_kind, head_dim=adapter.head_dim, groups=adapter.n_groups,
     )
     if not adapter.is_ssm:
         return summary
-    unit = "head" if adapter.family == "mamba2" else "channel"
+    summary.ssm_layers = adapter.ssm_layers()
+    unit = "head" if adapter.ssm_kind == "mamba2" else "channel"
     summary.delta_rule = f"Δ = softplus(dt_bias) per {unit}" if delta is None else f"Δ = {delta:g}"
-    for i in range(adapter.num_layers):
+    for i in summary.ssm_layers:
         A = adapter.A(i)
         d = F.softplus(adapter.dt_bias(i)) if delta is None else torch.tensor(float(delta))
         abar = abar_at(A, d)
@@ -74,3 +91,4 @@ def summarize_model(adapter: Adapter, delta: float | None = None) -> ModelSummar
             abar_min=abar.min().item(), abar_median=abar.median().item(), abar_max=abar.max().item(),
         ))
     return summary
+

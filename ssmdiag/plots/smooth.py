@@ -46,11 +46,15 @@ def plot_sharpness(results: list[tuple[str, object]], path: Path) -> Path:
                       "o-", ms=3, color=c, label=name)
         else:
             ax_r.plot([], [], color=c, label=f"{name} (no memory states)")
-        mixer = [la.mixer_output.get(metric) for la in res.layers]
+        mixer = [la.mixer_output.get(metric) if la.mixer_output is not None else None for la in res.layers]
         block = [la.block_output.get(metric) for la in res.layers]
-        all_m += mixer
+        all_m += [v for v in mixer if v is not None]
         all_b += block
-        ax_m.plot(xs, mixer, "o-", ms=3, color=c, label=name)
+        mx = [(x, v) for x, v in zip(xs, mixer) if v is not None]  # blocks without a token mixer: no point
+        ax_m.plot([x for x, _ in mx], [v for _, v in mx], "o-", ms=3, color=c, label=name)
+        for x, la in zip(xs, res.layers):  # attention-like blocks of a hybrid: marked on the block-output panel
+            if la.kind in ("A", "S", "P"):
+                ax_b.axvline(x, color=c, lw=0.6, alpha=0.25)
         ax_b.plot(xs, block, "o-", ms=3, color=c, label=name)
         ax_h.plot(xs, [la.block_output.get("scale_free") for la in res.layers], "o-", ms=3, color=c,
                   label=_headline_label(name, res))

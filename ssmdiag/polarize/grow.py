@@ -98,7 +98,7 @@ def mamba2_growth(cfg, keys: dict, m: int) -> tuple[int, int]:
 
 
 def grow_mamba2_layer(sd: dict, pre: str, dims: tuple[int, int, int, int], m: int, g_new: int, one: list[int],
-                      zero: list[int], gen: torch.Generator) -> None:
+                      zero: list[int], gen: torch.Generator, whole_norm: bool = False) -> None:
     """Append m heads in g_new new groups to one Mamba-2 layer's tensors, in place (all new parts go at the end).
 
     Args:
@@ -133,6 +133,10 @@ def grow_mamba2_layer(sd: dict, pre: str, dims: tuple[int, int, int, int], m: in
     sd[f"{pre}.dt_bias"] = torch.cat([dtb, torch.full((m,), float(dtb.float().median()), dtype=dtb.dtype)])
     if f"{pre}.norm.weight" in sd:  # Falcon-H1 may gate without a norm
         nw = sd[f"{pre}.norm.weight"]
-        sd[f"{pre}.norm.weight"] = torch.cat([nw, torch.full((m * p,), float(nw.float().mean()), dtype=nw.dtype)])
+        # a gated RMSNorm over the whole width (transformers < 5.2x's Mamba-2 / Bamba / Granite) sees the new heads'
+        # zeros: mean(y²) shrinks by d/(d + mp), which the old weights take back (exact up to the norm's ε)
+        old = nw.float() * math.sqrt(d / (d + m * p)) if whole_norm else nw.float()
+        sd[f"{pre}.norm.weight"] = torch.cat([old.to(nw.dtype),
+                                              torch.full((m * p,), float(nw.float().mean()), dtype=nw.dtype)])
     ow = sd[f"{pre}.out_proj.weight"]  # (hidden, d): columns are channels
     sd[f"{pre}.out_proj.weight"] = torch.cat([ow, rand(m * p, ow.T, OUT_NEW_SCALE).T], dim=1)

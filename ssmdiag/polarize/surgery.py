@@ -95,6 +95,8 @@ def polarize_model(model: nn.Module, channels: str = "both", mode: str = "add", 
     keys = adapter.ssm_config_keys
     if adapter.ssm_kind == "mamba2":
         unit, size_before = "head", adapter.n_heads
+        norm = getattr(adapter.ssm_mixer(adapter.blocks()[ssm[0]]), "norm", None)
+        keys = {**keys, "_whole_norm": norm is not None and not any(hasattr(norm, a) for a in ("group_size", "n_groups"))}
         surgery = _mamba2_add if mode == "add" else _mamba2_replace
         one, zero, added, how = surgery(cfg, sd, prefixes, roles, chosen, gen, keys)
         size_after = int(getattr(cfg, keys["heads"]))
@@ -233,7 +235,8 @@ def _mamba2_add(cfg, sd, prefixes, roles, chosen, gen, keys) -> Slots:
     one, zero = slots.get("one", []), slots.get("zero", [])
     for layer, pre in prefixes.items():
         polar = layer in chosen
-        grow_mamba2_layer(sd, pre, (h, p, g, n), m, g_new, one if polar else [], zero if polar else [], gen)
+        grow_mamba2_layer(sd, pre, (h, p, g, n), m, g_new, one if polar else [], zero if polar else [], gen,
+                          keys["_whole_norm"])
     if e:
         setattr(cfg, keys["expand"], int(getattr(cfg, keys["expand"])) + e)
     if keys.get("d_inner") and getattr(cfg, keys["d_inner"], None) is not None:
@@ -242,6 +245,8 @@ def _mamba2_add(cfg, sd, prefixes, roles, chosen, gen, keys) -> Slots:
     setattr(cfg, keys["groups"], g + g_new)
     grown = f"expand +{e}, " if e else ""
     how = (f"heads {h} -> {h + m} in {g_new} new B/C group(s) ({grown}n_groups {g} -> {g + g_new}): the new "
-           "heads' gate rows z are zero, so silu(z) = 0 makes their gated output exactly 0, and as they form "
-           "their own RMSNorm groups the old groups' normalisation is untouched")
+           "heads' gate rows z are zero, so silu(z) = 0 makes their gated output exactly 0, and "
+           + ("the gated RMSNorm (over the whole width in this transformers) has its old weights x sqrt(d/(d+mp)) "
+              "to cancel the zeros' dilution (exact up to the norm's ε)" if keys["_whole_norm"] else
+              "as they form their own RMSNorm groups the old groups' normalisation is untouched"))
     return one, zero, list(range(h, h + m)), how
