@@ -279,3 +279,36 @@ def test_bound_is_the_slowest_channel_and_flags_a_violation():
     slow = fit_decay(-0.001 * np.arange(100), (50, 95))  # rate 0.0023 < 0.05: faster forgetting is promised
     res = summarize_bound([0, 1], [0.05, 0.2], [0.15, 0.3], slow)
     assert res.end_to_end_rate == 0.05 and res.consistent is False
+
+
+@pytest.mark.parametrize("family", ["zamba", "jamba", "bamba"])
+def test_closed_form_of_a_hybrid_layer_reproduces_its_scan(family):
+    """Σ_s α_{t,s} u_s equals the scan's output without D and gate: Zamba's per-head B and C taken head by head,
+    Jamba's normalised Δ/B/C and Bamba's grouped Mamba-2 heads as recorded."""
+    from ssmdiag.kernels import selective_scan_ref, ssd_scan_ref
+    from ssmdiag.kernels.mixer import record
+    from ssmdiag.metrics.influence import _layer_alpha
+    from tinyfamilies import make_hybrid
+
+    model = make_hybrid(family)  # float32: MoE blocks (Jamba) have no float64 kernel
+    ids = torch.randint(3, 384, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), record(model, params=True) as rec:
+        model(ids, use_cache=False)
+    lr, t = rec.layers[0], 23
+    alpha = _layer_alpha(lr, t)  # (t+1, channels or heads)
+    if lr.A.dim() == 1:  # Mamba-2: α per head, u (b, l, h, p)
+        closed = (alpha[:, :, None] * lr.u[0, : t + 1].double()).sum(0)  # (h, p)
+        y = ssd_scan_ref(lr.u, lr.delta, lr.A, lr.B, lr.C)[0, t]
+    else:
+        closed = (alpha * lr.u[0, : t + 1].double()).sum(0)  # (d,)
+        heads = lr.B.shape[2] if lr.B.dim() == 4 else 1
+        p = lr.A.shape[0] // heads
+        ys = []
+        for h in range(heads):
+            sl = slice(h * p, (h + 1) * p)
+            B = lr.B[:, :, h] if lr.B.dim() == 4 else lr.B
+            C = lr.C[:, :, h] if lr.C.dim() == 4 else lr.C
+            ys.append(selective_scan_ref(lr.u[..., sl].transpose(1, 2), lr.delta[..., sl].transpose(1, 2), lr.A[sl],
+                                         B.transpose(1, 2), C.transpose(1, 2)))
+        y = torch.cat(ys, 1)[0, :, t]
+    torch.testing.assert_close(closed, y.double(), rtol=1e-3, atol=1e-5 * float(y.abs().max()))

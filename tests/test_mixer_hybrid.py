@@ -97,3 +97,19 @@ def test_prefix_reuse_gives_the_same_state_as_a_fresh_prefill(hybrid):
         b = runner.feed(fresh.at(p), suffix)
         assert _rel(a, b) < 1e-5, p
     assert reuse.stats.computed < fresh.stats.computed
+
+
+def test_generate_gives_the_same_tokens(hybrid):
+    """model.generate with ssmdiag's mixers: the SSM state rides on transformers' cache object (exact greedy)."""
+    _, model = hybrid
+    ids = torch.randint(3, 384, (1, 12), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=1, output_scores=True, return_dict_in_generate=True)
+    ref = model.generate(ids, **kw)
+    mx.install(model, "auto")
+    try:
+        got = model.generate(ids, **kw)
+    finally:
+        mx.uninstall(model)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.scores, ref.scores):
+        assert _rel(a, b) < 1e-4
