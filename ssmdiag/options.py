@@ -184,3 +184,19 @@ class Corruption(Choice):
     random = "random"
     noise = "noise"
     splice = "splice"
+
+
+# --- polarize: training recipe --------------------------------------------------------------------
+# (the library's lists: training.recipe.RECIPES, data.mqar.FILLERS)
+class Recipe(Choice):
+    """--recipe: paper (the reference code's init, optimiser, schedule and fixed data) or hf (ssmdiag's earlier)."""
+
+    paper = "paper"
+    hf = "hf"
+
+
+class Filler(Choice):
+    """--filler: MQAR filler tokens: zero (the paper's script) or random (Zoology's default)."""
+
+    zero = "zero"
+    random = "random"

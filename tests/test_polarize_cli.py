@@ -87,7 +87,7 @@ def test_grid_micro_preset(tmp_path):
     cells = doc["metrics"]["cells"]
     assert [c["variant"] for c in cells] == ["default", "both"] and all(c["steps"] == 6 for c in cells)
     assert (out / "polarize-recall-by-distance.png").is_file()
-    both = AutoModelForCausalLM.from_pretrained(out / "both-1L" / "model")
+    both = AutoModelForCausalLM.from_pretrained(out / "both-1L-s0" / "model")
     assert both.config.ssmdiag_polarized["ops"][0]["channels"] == "both"
     # resuming a finished grid retrains nothing
     res = ok(invoke("--train", "--preset", "micro", "--resume", out, "--json"))
@@ -100,7 +100,7 @@ def test_grid_cells_in_parallel_processes(tmp_path):
     out = run_folder(tmp_path / "grid")
     cells = json.loads(res.stdout)["metrics"]["cells"]
     assert [c["variant"] for c in cells] == ["default", "both"] and all(c["frozen_intact"] is not False for c in cells)
-    assert (out / "default-1L" / "model" / "config.json").is_file()
+    assert (out / "default-1L-s0" / "model" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -98,3 +98,44 @@ def test_resume_continues_exactly(tmp_path):
     assert res.resumed_from == 2 and res.steps_done == 6 and res.frozen_intact
     for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+
+
+def test_text_windows_split_train_validation_test_disjoint(tmp_path):
+    """Held-out evaluation is on windows the training never sees: three disjoint, contiguous parts."""
+    from ssmdiag.training.finetune import text_windows
+
+    class Tok:  # one token per character
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 97 for c in text]}
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(chr(97 + i % 26) for i in range(40 * 16)))
+    train, val, test = text_windows(corpus, Tok(), 16)
+    assert (train.shape[0], val.shape[0], test.shape[0]) == (32, 4, 4)
+    flat = torch.cat([train, val, test]).flatten().tolist()
+    assert flat == [ord(chr(97 + i % 26)) % 97 for i in range(40 * 16)]  # in order: the test part is the file's end
+
+
+def test_finetune_flags_worse_and_keeps_the_best_state(tiny_mamba_dir, tmp_path, monkeypatch):
+    """A fine-tuned model worse on the test set than before is flagged in the table and result.json."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ssmdiag.cli import app
+    from ssmdiag.training import finetune
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the state space model reads every token once and keeps a memory . " * 60)
+    monkeypatch.setattr(finetune, "is_worse", lambda task, before, after: True)
+    res = CliRunner().invoke(app, ["polarize", str(tiny_mamba_dir), "--train", "--task", "text", "--text", str(corpus),
+                                   "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "WORSE than before" in res.stdout
+    (run,) = (tmp_path / "o" / "polarize").iterdir()
+    doc = json.loads((run / "result.json").read_text())
+    r = doc["metrics"]["train"]["result"]
+    assert r["worse"] is True and r["split"]["test"] >= 1 and r["train"]["best_step"] is not None
+    assert doc["metrics"]["train"]["config"]["lr"] == 1e-4 and doc["metrics"]["train"]["config"]["keep_best"]
+    assert r["train"]["history"][0]["step"] == 0  # the original weights were a candidate
+    assert any("WORSE" in n for n in doc["notes"])

@@ -14,9 +14,9 @@ from ..jobs.polarize import FinetuneConfig, PatchConfig, run_patch
 from ..loading import LoadOptions
 from ._load import load_models
 from ..options import positive_finite
-from ..options import (DEFAULT_OUT, Backend, BackendOpt, Channels, DeviceOpt, Dtype, DtypeOpt, FinetuneTask,
-                       GridPresetName, Init, InitOpt, JsonOpt, OutOpt, PolarizeMode, QuietOpt, SeedOpt, SeqLenOpt,
-                       TokenizerOpt, Trainable, TrustRemoteCodeOpt)
+from ..options import (DEFAULT_OUT, Backend, BackendOpt, Channels, DeviceOpt, Dtype, DtypeOpt, Filler, FinetuneTask,
+                       GridPresetName, Init, InitOpt, JsonOpt, OutOpt, PolarizeMode, QuietOpt, Recipe, SeedOpt,
+                       SeqLenOpt, TokenizerOpt, Trainable, TrustRemoteCodeOpt)
 from ..parse import parse_counts
 from ..runtime import set_threads
 
@@ -34,7 +34,13 @@ def main(
     task: Annotated[FinetuneTask, Opt(help="Fine-tuning task.")] = FinetuneTask.mqar,
     text: Annotated[Optional[Path], Opt(exists=True, dir_okay=False, help="Corpus for --task text.")] = None,
     steps: Annotated[Optional[int], Opt(min=1, help="Training steps (default: 200, or the preset's).")] = None,
-    lr: Annotated[Optional[float], Opt(callback=positive_finite, help="Peak learning rate (AdamW, cosine).")] = None,
+    epochs: Annotated[Optional[int], Opt(min=1, help="Grid, paper recipe: passes over the fixed set.")] = None,
+    lr: Annotated[Optional[float], Opt(callback=positive_finite, help="Peak learning rate (default: grid: the "
+                                       "preset's; fine-tuning: 1e-4 text, 3e-4 mqar).")] = None,
+    recipe: Annotated[Optional[Recipe], Opt(help="paper: the reference code's recipe (grid default); hf: "
+                                            "ssmdiag's (fine-tuning default).")] = None,
+    seeds: Annotated[Optional[str], Opt(help="Grid seeds, e.g. 0,1,2 (default: the preset's).")] = None,
+    filler: Annotated[Filler, Opt(help="MQAR filler tokens.")] = Filler.zero,
     batch_size: Annotated[Optional[int], Opt(min=1, help="Sequences per step.")] = None,
     trainable: Annotated[Trainable, Opt(help="new: the polarized/added entries only.")] = Trainable.all,
     seq_len: SeqLenOpt = 256,
@@ -63,16 +69,16 @@ def main(
             raise SsmdiagError("--layers picks layers to patch; the grid's layer counts are --n-layers",
                                hint=f"use --n-layers {layers}")
         cfg = GridConfig(preset.value, n_layers, variants, steps, lr, batch_size, seed, device, backend.value,
-                         pairs_list, threads, jobs)
+                         pairs_list, threads, jobs, (recipe or Recipe.paper).value, seeds, filler.value, epochs)
         doc, tables = run_grid(cfg, out, resume)
     else:
-        if n_layers is not None:
-            raise SsmdiagError("--n-layers sets the grid's layer counts (--train without MODEL)",
-                               hint="pick the layers to patch with --layers")
+        if n_layers is not None or seeds is not None or epochs is not None:
+            raise SsmdiagError("--n-layers, --seeds and --epochs are the grid's (--train without MODEL)",
+                               hint="pick the layers to patch with --layers, the seed with --seed")
         load = LoadOptions(init=init.value, dtype=dtype.value, device=device, tokenizer=tokenizer, seed=seed,
                            trust_remote_code=trust_remote_code, backend=backend.value)
         tune = FinetuneConfig(task.value, text, steps, lr, batch_size, trainable.value, seq_len, pairs,
-                              pairs_list) if train else None
+                              pairs_list, (recipe or Recipe.hf).value, filler.value) if train else None
         cfg = PatchConfig(model, load, channels.value, mode.value, layers, seed, tune)
         doc, tables = run_patch(load_models([model], load)[0], cfg, out, resume)
     console.emit(doc, tables, as_json=as_json)

@@ -6,7 +6,8 @@ One example of length L with K key–value pairs (vocabulary V):
      keys from [1, V/2), values from [V/2, V), all distinct within the example; then the queries:
      the K keys again, in random order, at even offsets 2·g of the remaining L - 2K positions, where the
      gaps g are drawn without replacement from a power law p(g) ∝ (g+1)^(a-1), a = 0.01 (most queries
-     come soon after the pairs, a few far away). Filler tokens are 0.
+     come soon after the pairs, a few far away). Filler tokens are 0 (`filler="zero"`, as the paper's script
+     sets), or Zoology's default `filler="random"`: every 0 replaced by a uniform token of [0, V).
 
 Labels are -100 everywhere except at a query position, whose label is the value of that key (the model
 must output the value right after reading the key). `distance` is the query position minus its key's
@@ -70,9 +71,19 @@ def power_law_logits(space: int, power_a: float = 0.01) -> torch.Tensor:
     return (power_a - 1.0) * torch.log(torch.arange(1, space + 1, dtype=torch.float64))
 
 
+FILLERS = ("zero", "random")  # --filler
+
+
 def generate_mqar(vocab_size: int, seq_len: int, num_kv_pairs: int, num_examples: int, seed: int,
-                  power_a: float = 0.01) -> MQARBatch:
-    """`num_examples` MQAR sequences (Zoology's definition, filler 0), deterministic for a seed."""
+                  power_a: float = 0.01, filler: str = "zero") -> MQARBatch:
+    """`num_examples` MQAR sequences (Zoology's definition), deterministic for a seed.
+
+    Args:
+        filler: "zero" (the paper's script) or "random" (Zoology's `random_non_queries`: the zeros become
+            uniform tokens of [0, V), keys and values included).
+    """
+    if filler not in FILLERS:
+        raise SsmdiagError(f"unknown --filler '{filler}'", hint="use zero or random")
     check_mqar(vocab_size, seq_len, num_kv_pairs)
     b, k, half = num_examples, num_kv_pairs, vocab_size // 2
     gen = torch.Generator().manual_seed(int(seed))
@@ -90,6 +101,9 @@ def generate_mqar(vocab_size: int, seq_len: int, num_kv_pairs: int, num_examples
     labels.scatter_(1, qpos, values)
     distance = torch.full((b, seq_len), -1, dtype=torch.long)
     distance.scatter_(1, qpos, qpos - 2 * torch.arange(k)[None, :])
+    if filler == "random":
+        zero = inputs == 0
+        inputs[zero] = torch.randint(0, vocab_size, inputs.shape, generator=gen)[zero]
     return MQARBatch(inputs=inputs, labels=labels, distance=distance, num_kv_pairs=k)
 
 
@@ -110,7 +124,7 @@ def check_segments(vocab_size: int, segments: list[MQARSegment]) -> None:
 
 
 def mixture_batch(vocab_size: int, segments: list[MQARSegment], batch_size: int, seed: int, step: int,
-                  power_a: float = 0.01) -> MQARBatch:
+                  power_a: float = 0.01, filler: str = "zero") -> MQARBatch:
     """The training batch of one step: a segment drawn in proportion to its size, then fresh examples.
 
     Deterministic in (seed, step), so a resumed run sees exactly the batches it would have seen.
@@ -120,5 +134,44 @@ def mixture_batch(vocab_size: int, segments: list[MQARSegment], batch_size: int,
     weights = torch.tensor([float(s.examples) for s in segments])
     seg = segments[int(torch.multinomial(weights, 1, generator=gen))]
     sub_seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-    return generate_mqar(vocab_size, seg.seq_len, seg.num_kv_pairs, batch_size, sub_seed, power_a)
+    return generate_mqar(vocab_size, seg.seq_len, seg.num_kv_pairs, batch_size, sub_seed, power_a, filler)
+
+
+class FixedMQARData:
+    """A fixed training set, segment after segment, read in the same order every epoch (the paper's code).
+
+    Each segment's examples are generated once (seeded apart per segment) and cut into consecutive batches of
+    `batch_size` (the last one of a segment may be smaller); an epoch is all batches of segment 0, then of
+    segment 1, …, with no shuffling. `batch(step)` is a pure function of the step, so a resumed run is exact.
+    """
+
+    def __init__(self, vocab_size: int, segments: list[MQARSegment], batch_size: int, seed: int,
+                 filler: str = "zero", power_a: float = 0.01):
+        check_segments(vocab_size, segments)
+        self.vocab_size, self.segments, self.batch_size = vocab_size, list(segments), batch_size
+        self.seed, self.filler, self.power_a = seed, filler, power_a
+        self.index = [(i, start) for i, s in enumerate(self.segments) for start in range(0, s.examples, batch_size)]
+        self._cache: dict[int, MQARBatch] = {}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.index)
+
+    @property
+    def examples(self) -> int:
+        return sum(s.examples for s in self.segments)
+
+    def _segment(self, i: int) -> MQARBatch:
+        if i not in self._cache:
+            s = self.segments[i]
+            self._cache[i] = generate_mqar(self.vocab_size, s.seq_len, s.num_kv_pairs, s.examples,
+                                           int(self.seed) * 1_000_003 + 104_729 * (i + 1), self.power_a, self.filler)
+        return self._cache[i]
+
+    def batch(self, step: int) -> MQARBatch:
+        """The batch of global step `step` (epoch = step // steps_per_epoch)."""
+        i, start = self.index[step % len(self.index)]
+        b = self._segment(i)
+        sl = slice(start, start + self.batch_size)
+        return MQARBatch(b.inputs[sl], b.labels[sl], b.distance[sl], b.num_kv_pairs)
 

@@ -1,8 +1,9 @@
-"""The MQAR grid behind `ssmdiag polarize --train` (no model): every (variant, layer count) cell of a preset,
-one after the other or in parallel CPU processes, then the Table 2-shaped table and recall by distance.
+"""The MQAR grid behind `ssmdiag polarize --train` (no model): every (variant, layer count, seed) cell of a preset,
+one after the other or in parallel CPU processes, then the Table 2-shaped table with 95% intervals over seeds and
+recall by distance.
 
-The run folder is `<out>/polarize/mqar-grid-<stamp>/` with one `<variant>-<n>L/` folder per cell (`cell.json`,
-the trained `model/`); `--resume RUN_DIR` reloads finished cells and continues an unfinished one.
+The run folder is `<out>/polarize/mqar-grid-<stamp>/` with one `<variant>-<n>L-s<seed>/` folder per cell
+(`cell.json`, the trained `model/`); `--resume RUN_DIR` reloads finished cells and continues an unfinished one.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Callable
 from .. import console
 from ..errors import SsmdiagError
 from ..loading import quiet_transformers
-from ..runtime import resolve_device
 from ..parse import parse_layer_counts
-from ..runtime import set_threads
-from ..training.mqar_grid import CellResult, GridPreset, get_preset, run_cell
+from ..runtime import resolve_device, set_threads
+from ..training.mqar_grid import CellResult, GridPreset, cell_name, get_preset, run_cell
+from .grid_table import grid_summary, grid_table, seed_table
 from .polarize import check_resume, open_polarize_run
 
 
@@ -38,11 +39,39 @@ class GridConfig:
     test_pairs: list[int] | None = None
     threads: int | None = None
     jobs: int | None = None
+    recipe: str = "paper"
+    seeds: str | None = None
+    filler: str = "zero"
+    epochs: int | None = None
+
+
+def parse_seeds(text: str | None) -> tuple[int, ...] | None:
+    """'0,1,2' -> (0, 1, 2): distinct non-negative seeds; None -> None (the preset's)."""
+    if not text:
+        return None
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise SsmdiagError(f"cannot read --seeds '{text}'", hint="give non-negative integers, e.g. --seeds 0,1,2") from None
+    if any(x < 0 for x in seeds) or len(set(seeds)) != len(seeds):
+        raise SsmdiagError(f"--seeds '{text}': seeds must be distinct and non-negative", hint="e.g. --seeds 0,1,2")
+    return seeds
+
+
+def grid_seeds(cfg: GridConfig, preset: GridPreset) -> tuple[int, ...]:
+    """--seeds, else --seed when it is not 0, else the preset's seeds (cpu: 0,1,2)."""
+    return parse_seeds(cfg.seeds) or ((cfg.seed,) if cfg.seed else preset.seeds)
 
 
 def _preset(cfg: GridConfig) -> GridPreset:
     """The preset with the command's overrides, checked."""
-    return get_preset(cfg.preset, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+    if cfg.recipe == "paper" and cfg.steps is not None:
+        raise SsmdiagError("--recipe paper trains for whole epochs of its fixed training set, not --steps",
+                           hint="use --epochs N, or --recipe hf --steps N")
+    if cfg.recipe == "hf" and cfg.epochs is not None:
+        raise SsmdiagError("--epochs counts passes over the paper recipe's fixed training set",
+                           hint="use --steps with --recipe hf")
+    return get_preset(cfg.preset, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
                       variants=tuple(v.strip() for v in cfg.variants.split(",")) if cfg.variants else None,
                       layers=parse_layer_counts(cfg.n_layers),
                       test_pairs=tuple(cfg.test_pairs) if cfg.test_pairs else None)
@@ -71,57 +100,54 @@ def run_grid(cfg: GridConfig, out: Path, resume: Path | None = None) -> tuple[di
     preset = _preset(cfg)
     device = resolve_device(cfg.device)
     jobs = _jobs(cfg, preset, device.type == "cpu")
-    identity = {"kind": "grid", "preset": asdict(preset), "seed": cfg.seed}
+    seeds = grid_seeds(cfg, preset)
+    identity = {"kind": "grid", "preset": asdict(preset), "seeds": list(seeds), "recipe": cfg.recipe,
+                "filler": cfg.filler}
     if resume is not None:
         check_resume(resume, identity)
     if cfg.threads is None and device.type == "cpu":
         set_threads(preset.threads)
     run = open_polarize_run(out, resume, ["mqar-grid"], {"args": asdict(cfg), "preset": asdict(preset)}, identity,
-                            cfg.seed)
-    order = [(v, n) for n in preset.layers for v in preset.variants]
+                            seeds[0])
+    # deepest cells first, so that parallel workers finish together
+    order = [(v, n, s) for n in sorted(preset.layers, reverse=True) for v in preset.variants for s in seeds]
+    steps = preset.total_steps(cfg.recipe)
 
     def report(cell: CellResult) -> None:
-        shutil.rmtree(run.path / f"{cell.variant}-{cell.layers}L" / "state", ignore_errors=True)  # optimizer state
-        console.log(f"{cell.variant}, {cell.layers} layers: avg {cell.average:.4f} after {cell.steps} steps "
-                    f"({cell.stopped}, {cell.train_seconds:.0f} s)")
+        shutil.rmtree(run.path / cell_name(cell.variant, cell.layers, cell.seed) / "state", ignore_errors=True)
+        console.log(f"{cell.variant}, {cell.layers} layers, seed {cell.seed}: avg {cell.average:.4f} after "
+                    f"{cell.steps} steps ({cell.stopped}, {cell.train_seconds:.0f} s)")
 
     if jobs > 1:
         threads = cfg.threads or preset.threads
-        console.log(f"training {len(order)} cells, {jobs} at a time ({threads or 'default'} thread(s) each)")
+        console.log(f"training {len(order)} cells ({cfg.recipe} recipe, {steps} steps each at most), {jobs} at a "
+                    f"time ({threads or 'default'} thread(s) each)")
         with run.phase("cells"):
-            cells = run_cells_parallel(preset, order, run.path, cfg.seed, cfg.backend, jobs, threads, on_done=report)
+            cells = run_cells_parallel(preset, order, run.path, cfg, jobs, threads, on_done=report)
     else:
         cells = []
-        for variant, n_layers in order:
-            with run.phase(f"{variant}-{n_layers}L"), console.progress(f"{variant}, {n_layers} layers",
-                                                                         preset.steps) as advance:
-                cell = run_cell(preset, variant, n_layers, run.path / f"{variant}-{n_layers}L", seed=cfg.seed,
-                                backend=cfg.backend, on_step=lambda s, v: advance(), device=str(device))
+        for variant, n_layers, seed in order:
+            name = cell_name(variant, n_layers, seed)
+            with run.phase(name), console.progress(f"{variant}, {n_layers} layers, seed {seed}", steps) as advance:
+                cell = run_cell(preset, variant, n_layers, run.path / name, seed=seed, backend=cfg.backend,
+                                on_step=lambda s, v: advance(), device=str(device), recipe=cfg.recipe,
+                                filler=cfg.filler)
             report(cell)
             cells.append(cell)
-    plot_recall_by_distance(cells, run.add_plot("polarize-recall-by-distance.png"),
-                            f"MQAR recall by key–query distance ({preset.name} preset, test length {preset.test_len})")
-    table = grid_table(cells, preset)
-    doc = run.finish({"preset": preset.name, "cells": cells, "table": table}, backend=cfg.backend,
-                     extra={"run_dir": str(run.path)})
+    summary = grid_summary(cells, preset)
+    plot_recall_by_distance(summary, run.add_plot("polarize-recall-by-distance.png"),
+                            f"MQAR recall by key–query distance ({preset.name} preset, {cfg.recipe} recipe, test "
+                            f"length {preset.test_len}, mean and 95% interval over {len(seeds)} seed(s))")
+    table, per_seed = grid_table(summary, preset), seed_table(cells, preset, seeds)
+    doc = run.finish({"preset": preset.name, "recipe": cfg.recipe, "filler": cfg.filler, "seeds": list(seeds),
+                      "steps_per_epoch": preset.steps_per_epoch() if cfg.recipe == "paper" else None,
+                      "cells": cells, "summary": summary, "table": table, "table_per_seed": per_seed},
+                     backend=cfg.backend, extra={"run_dir": str(run.path)})
     console.log(f"Run folder: {run.path}")
-    return doc, [console.table(f"MQAR accuracy at length {preset.test_len} ({preset.name} preset; Table 2 layout)",
-                               table["columns"], table["rows"])]
-
-
-def grid_table(cells: list[CellResult], preset: GridPreset) -> dict:
-    """Rows = variants; per layer count one column per test KV count and their average (percent)."""
-    columns = ["variant"]
-    for n in preset.layers:
-        columns += [f"{n}L kv={k}" for k in preset.test_pairs] + [f"{n}L avg"]
-    rows = []
-    for variant in preset.variants:
-        row = [variant]
-        for n in preset.layers:
-            cell = next(c for c in cells if c.variant == variant and c.layers == n)
-            row += [f"{100 * cell.acc[str(k)]:.2f}" for k in preset.test_pairs] + [f"{100 * cell.average:.2f}"]
-        rows.append(row)
-    return {"columns": columns, "rows": rows}
+    title = (f"MQAR accuracy (%) at length {preset.test_len}, {preset.name} preset, {cfg.recipe} recipe: mean "
+             f"[95% interval] over seeds {','.join(map(str, seeds))}")
+    return doc, [console.table(title, table["columns"], table["rows"]),
+                 console.table("average accuracy (%) per seed", per_seed["columns"], per_seed["rows"])]
 
 
 def _worker_init(threads: int | None) -> None:
@@ -130,7 +156,7 @@ def _worker_init(threads: int | None) -> None:
     set_threads(threads)
 
 
-def run_cells_parallel(preset: GridPreset, cells: list[tuple[str, int]], path: Path, seed: int, backend: str,
+def run_cells_parallel(preset: GridPreset, cells: list[tuple[str, int, int]], path: Path, cfg: GridConfig,
                        jobs: int, threads: int | None, on_done: Callable[[CellResult], None] | None = None
                        ) -> list[CellResult]:
     """Train cells in `jobs` CPU worker processes at once; results in the order of `cells`.
@@ -138,16 +164,16 @@ def run_cells_parallel(preset: GridPreset, cells: list[tuple[str, int]], path: P
     On a 2-core machine two 1-thread cells finish about twice as fast as one after the other.
 
     Args:
-        cells: (variant, layer count) pairs; path: the run folder (each cell trains in `<variant>-<n>L/`).
+        cells: (variant, layer count, seed); path: the run folder (each cell trains in `<variant>-<n>L-s<seed>/`).
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    done: dict[tuple[str, int], CellResult] = {}
+    done: dict[tuple[str, int, int], CellResult] = {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(run_cell, preset, v, n, path / f"{v}-{n}L", seed, backend, None, "cpu"): (v, n)
-                   for v, n in cells}
+        futures = {pool.submit(run_cell, preset, v, n, path / cell_name(v, n, s), s, cfg.backend, None, "cpu",
+                               cfg.recipe, cfg.filler): (v, n, s) for v, n, s in cells}
         for fut in as_completed(futures):
             done[futures[fut]] = fut.result()
             if on_done:

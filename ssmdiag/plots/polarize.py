@@ -46,18 +46,27 @@ def plot_training(losses: list[tuple[int, float]], history: list[dict], path: Pa
     return save_figure(fig, path)
 
 
-def plot_recall_by_distance(cells: list, path: Path, title: str = "") -> Path:
-    """Recall accuracy per key–query distance bin, one line per variant, one panel per layer count."""
-    layer_counts = sorted({c.layers for c in cells})
+def plot_recall_by_distance(summary: list[dict], path: Path, title: str = "") -> Path:
+    """Recall accuracy per key–query distance bin, one line per variant (mean over seeds, shaded 95% interval),
+    one panel per layer count. `summary`: the grid's per (variant, layers) entries (jobs/grid_table.py)."""
+    layer_counts = sorted({e["layers"] for e in summary})
     fig, axes = new_figure(ncols=len(layer_counts), width=4.6, height=3.6)
-    variants = list(dict.fromkeys(c.variant for c in cells))
+    variants = list(dict.fromkeys(e["variant"] for e in summary))
     for ax, n_layers in zip(axes, layer_counts):
-        for c in cells:
-            if c.layers != n_layers:
+        for e in summary:
+            if e["layers"] != n_layers:
                 continue
-            pts = [(math.sqrt(b["lo"] * b["hi"]), b["acc"]) for b in c.by_distance if b["acc"] is not None]
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=color(variants.index(c.variant)),
-                    label=f"{c.variant} (avg {c.average:.3f})")
+            pts = [(math.sqrt(b["lo"] * b["hi"]), b["acc"]) for b in e["by_distance"]
+                   if b["n"] and b["acc"]["mean"] == b["acc"]["mean"]]
+            xs = [x for x, _ in pts]
+            c = color(variants.index(e["variant"]))
+            avg = e["average"]
+            label = f"{e['variant']} (avg {avg['mean']:.3f}" + (f" ± {(avg['hi'] - avg['lo']) / 2:.3f})"
+                                                                if avg["n"] > 1 else ")")
+            ax.plot(xs, [b["mean"] for _, b in pts], marker="o", color=c, label=label)
+            if avg["n"] > 1:
+                ax.fill_between(xs, [max(b["lo"], 0) for _, b in pts], [min(b["hi"], 1) for _, b in pts], color=c,
+                                alpha=0.15, lw=0)
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("key–query distance (tokens)")
@@ -65,5 +74,5 @@ def plot_recall_by_distance(cells: list, path: Path, title: str = "") -> Path:
         ax.set_title(f"{n_layers} layer{'s' if n_layers > 1 else ''}")
         ax.legend(fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=8)
     return save_figure(fig, path)

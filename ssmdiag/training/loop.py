@@ -2,8 +2,10 @@
 
 Entries the caller marks `frozen` (e.g. polarized A values) stay fixed: their gradients are zeroed before every
 optimizer step and their tensors sit in the no-weight-decay group (AdamW with zero gradient and no decay leaves a
-value bit-identical); `train_model` checks that at the end. `trainable` limits training to some parameters or
-entries. Early stop when the validation score exceeds a threshold (Zoology: 0.99). The run saves accelerate
+value bit-identical); with `decay_all` (the paper's recipe: weight decay on every parameter) they, and the
+untrained entries of partly trained tensors, are written back after every step instead. `train_model` checks
+that at the end. `keep_best` evaluates at step 0 too and ends with the weights of the best validation score
+(fine-tuning practice for pretrained checkpoints). `trainable` limits training to some parameters or entries. Early stop when the validation score exceeds a threshold (Zoology: 0.99). The run saves accelerate
 state every `save_every` steps into `<dir>/state`, and `resume=True` picks it up.
 
 Dimension letters as in docs/architecture.md: b batch, l time, j supervised (query) positions, v vocabulary.
@@ -31,7 +33,11 @@ Masks = dict[str, torch.Tensor]  # parameter name -> bool tensor of its shape
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings (defaults follow Zoology's MQAR runs: AdamW, lr 1e-3, wd 0.1, cosine)."""
+    """Optimisation settings (defaults: ssmdiag's `hf` recipe; `training.recipe` builds the paper's).
+
+    `steps_per_epoch` set: the learning rate is constant within an epoch and follows a cosine over the epochs
+    (torch's CosineAnnealingLR stepped once per epoch, the paper's code); else linear warm-up then per-step cosine.
+    """
 
     steps: int = 1000
     lr: float = 1e-3
@@ -43,6 +49,10 @@ class TrainConfig:
     save_every: int = 200
     early_stop: float | None = 0.99
     seed: int = 0
+    betas: tuple[float, float] = (0.9, 0.98)
+    decay_all: bool = False  # weight decay on every parameter (A_log, D, biases, norms, embeddings too)
+    steps_per_epoch: int | None = None
+    keep_best: bool = False
 
 
 @dataclass
@@ -60,6 +70,7 @@ class TrainResult:
     frozen_intact: bool | None = None
     resumed_from: int | None = None
     trainable_params: int = 0
+    best_step: int | None = None  # with keep_best: the step whose weights the model ends with (0: the original)
 
 
 def supervised_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -98,8 +109,10 @@ class LMLoss(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def _param_groups(model: nn.Module, train: dict | None, frozen: Masks, weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decay; A_log, D, biases, norms, embeddings and partly-trained tensors do not."""
+def _param_groups(model: nn.Module, train: dict | None, frozen: Masks, weight_decay: float,
+                  decay_all: bool = False) -> list[dict]:
+    """AdamW groups: matrices decay; A_log, D, biases, norms, embeddings and partly-trained tensors do not
+    (`decay_all`: everything decays; frozen entries are then restored after each step)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if train is not None and name not in train:
@@ -108,12 +121,16 @@ def _param_groups(model: nn.Module, train: dict | None, frozen: Masks, weight_de
         p.requires_grad_(True)
         partial = (train is not None and train[name] is not None) or name in frozen
         plain = p.dim() >= 2 and not any(s in name for s in ("A_log", "embed", "norm"))
-        (decay if plain and not partial else no_decay).append(p)
+        (decay if decay_all or (plain and not partial) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up over cfg.warmup steps, then cosine decay to 0 at cfg.steps."""
+    """Linear warm-up over cfg.warmup steps, then cosine decay to 0 at cfg.steps; or cosine per epoch."""
+    if cfg.steps_per_epoch:
+        epochs = max(math.ceil(cfg.steps / cfg.steps_per_epoch), 1)
+        return lambda step: 0.5 * (1 + math.cos(math.pi * (step // cfg.steps_per_epoch) / epochs))
+
     def f(step: int) -> float:
         if cfg.warmup and step < cfg.warmup:
             return (step + 1) / cfg.warmup
@@ -134,6 +151,7 @@ class _Session:
     frozen: Masks
     keep: Masks
     state_dir: Path | None
+    fixed: dict[str, tuple[torch.Tensor, torch.Tensor]]  # decay_all: (mask, values) written back after each step
 
     @property
     def model(self) -> nn.Module:
@@ -148,6 +166,10 @@ class _Session:
         if grad_clip:
             self.acc.clip_grad_norm_(self.pmodel.parameters(), grad_clip)
         self.opt.step()
+        if self.fixed:
+            with torch.no_grad():
+                for n, (m, v) in self.fixed.items():
+                    self.params[n].data[m] = v
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return float(loss_t.detach())
@@ -163,12 +185,21 @@ def _prepare(model: nn.Module, cfg: TrainConfig, loss: type[nn.Module], cpu: boo
     set_seed(cfg.seed)
     frozen = {n: m.to(acc.device) for n, m in frozen.items()}
     keep = {n: m for n, m in (trainable or {}).items() if m is not None}
-    opt = torch.optim.AdamW(_param_groups(model, trainable, frozen, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    groups = _param_groups(model, trainable, frozen, cfg.weight_decay, cfg.decay_all)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     model.train()
     pmodel, opt, sched = acc.prepare(loss(model), opt, sched)
     params = dict(acc.unwrap_model(pmodel).model.named_parameters())
-    return _Session(acc, pmodel, opt, sched, params, frozen, keep, Path(run_dir) / "state" if run_dir else None)
+    fixed = {}
+    if cfg.decay_all:  # entries that must not move: frozen ones, and those outside a partial `trainable` mask
+        for n in set(frozen) | set(keep):
+            m = frozen.get(n, torch.zeros_like(params[n], dtype=torch.bool))
+            if n in keep:
+                m = m | ~keep[n].to(m.device)
+            fixed[n] = (m, params[n].detach()[m].clone())
+    return _Session(acc, pmodel, opt, sched, params, frozen, keep, Path(run_dir) / "state" if run_dir else None,
+                    fixed)
 
 
 def train_model(model: nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
@@ -192,9 +223,14 @@ def train_model(model: nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, 
     cpu = next(model.parameters()).device.type == "cpu" if cpu is None else cpu
     s = _prepare(model, cfg, loss, cpu, frozen, trainable, run_dir)
     start, history = _restore(s) if resume else (0, [])
+    best = _Best(s, cfg.keep_best and eval_fn is not None, history)
     t0, loss_val, stopped = time.perf_counter(), None, "steps"
     if history and cfg.early_stop is not None and history[-1].get("val", 0) > cfg.early_stop:
         stopped = "resumed_finished"
+    if best.on and start == 0 and not history:  # the original weights are a candidate too
+        history.append({"step": 0, "loss": None, "val": float(eval_fn(s.model))})
+        best.offer(0, history[-1]["val"])
+        s.pmodel.train()
     step = start
     while step < cfg.steps and stopped == "steps":
         # several processes (accelerate launch): each draws its own batch, so the effective batch grows with them
@@ -206,11 +242,14 @@ def train_model(model: nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, 
             val = float(eval_fn(s.model))
             s.pmodel.train()
             history.append({"step": step, "loss": loss_val, "val": val})
+            best.offer(step, val)
             if cfg.early_stop is not None and val > cfg.early_stop:
                 stopped = "early_stop"
         if s.state_dir and (step % cfg.save_every == 0 or step == cfg.steps or stopped != "steps"):
             _save_state(s.acc, s.state_dir, step, history)
+            best.save()
     seconds = time.perf_counter() - t0
+    best_step = best.restore()
     model = s.model
     model.eval()
     vals = [h["val"] for h in history if h.get("val") is not None]
@@ -219,7 +258,36 @@ def train_model(model: nn.Module, batch_fn: Callable[[int], tuple[torch.Tensor, 
                        best_val=max(vals) if vals else None, history=history,
                        frozen_entries=int(sum(int(m.sum()) for m in s.frozen.values())),
                        frozen_intact=_intact(model, s.frozen, before), resumed_from=start or None,
-                       trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+                       trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       best_step=best_step)
+
+
+class _Best:
+    """The weights of the best validation score so far (keep_best), kept in memory and beside the saved state."""
+
+    def __init__(self, s: _Session, on: bool, history: list[dict]):
+        self.s, self.on, self.step, self.val, self.state = s, on, None, None, None
+        path = s.state_dir / "best.pt" if s.state_dir else None
+        self.path = path
+        if on and path is not None and path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            self.step, self.val, self.state = int(saved["step"]), float(saved["val"]), saved["state"]
+
+    def offer(self, step: int, val: float) -> None:
+        if self.on and (self.val is None or val > self.val):
+            self.step, self.val = step, val
+            self.state = {k: v.detach().cpu().clone() for k, v in self.s.model.state_dict().items()}
+
+    def save(self) -> None:
+        if self.on and self.path is not None and self.state is not None and self.s.acc.is_main_process:
+            torch.save({"step": self.step, "val": self.val, "state": self.state}, self.path)
+
+    def restore(self) -> int | None:
+        """Load the best weights into the model (when on); the step they come from."""
+        if not self.on or self.state is None:
+            return None
+        self.s.model.load_state_dict(self.state)
+        return self.step
 
 
 def _intact(model: nn.Module, frozen: Masks, before: dict[str, torch.Tensor]) -> bool | None:
