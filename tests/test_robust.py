@@ -131,6 +131,9 @@ def test_two_models_write_table_plot_and_json(tiny_mamba_dir, tiny_gpt_neox_dir,
         assert model["forwards"] == 2 * (1 + 4 + 1 + 16)
     assert len(doc["metrics"]["comparison"]) == 2 and doc["config"]["lengths"] == [2, 4]
     assert "trailing/leading" in result.output
+    mamba, neox = doc["metrics"]["models"]
+    assert (mamba["model_type"], neox["model_type"]) == ("mamba", "gpt_neox")
+    assert mamba["backend"] != neox["backend"] == "n/a (not an SSM)"
 
 
 def test_text_splice_measures_loss_and_donor(tiny_mamba_dir, tmp_path):

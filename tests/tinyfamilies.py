@@ -112,7 +112,6 @@ def save_hybrid(family: str, path: Path, tokenizer_dir: Path | None = None, seed
 # multimodal type and its `<type>_text` twin map to one causal-LM class; the text twin is kept.  The seven
 # MAMBA_HYBRIDS and the pure SSMs of tinymodels (PURE_SSMS) are listed apart.  DENIED names the model types the rule
 # (or a wider grep) finds that are not recurrent over time, with the reason.
-import importlib.util  # noqa: E402
 import re  # noqa: E402
 
 PURE_SSMS = ("mamba", "mamba2", "falcon_mamba")
@@ -120,20 +119,19 @@ RECURRENT_MARKERS = re.compile(r"(?:conv_states?|recurrent_states?|ssm_states?|c
                                r"|\blinear_attention\b|ShortConv")
 DENIED = {
     "hrm_text": "recurrent over depth (H/L reasoning cycles), attention-only over time",
+    "dory": "recurrent over depth (looped layers), attention-only over time",
     "glm5_next": "no causal-LM class in transformers (image-text-to-text only)",
 }
-FORWARD_KINDS = {}  # filled by make_tiny: model_type -> the layer kinds of the tiny model
 
 
 def _modeling_source(model_type: str) -> str | None:
+    """The text of transformers' modeling module of a model type (read, not imported: importing ~300 is slow)."""
+    import transformers
     from transformers.models.auto.configuration_auto import model_type_to_module_name
 
     module = model_type_to_module_name(model_type)
-    try:
-        spec = importlib.util.find_spec(f"transformers.models.{module}.modeling_{module}")
-    except (ImportError, ValueError):
-        return None
-    return Path(spec.origin).read_text() if spec is not None and spec.origin else None
+    path = Path(transformers.__file__).parent / "models" / module / f"modeling_{module}.py"
+    return path.read_text() if path.is_file() else None
 
 
 def discover_recurrent_families() -> tuple[str, ...]:
@@ -161,8 +159,10 @@ _OVERRIDES = {
     "kimi_linear": dict(layer_types=["linear_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
                         num_expert_group=1, topk_group=1, num_key_value_heads=4),  # MLA: one kv head per head
     "inkling2_text": dict(unpadded_vocab_size=VOCAB, n_layers_per_attn_res_block=1),
-    "inkling2_loop_text": dict(unpadded_vocab_size=VOCAB, n_layers_per_attn_res_block=1, loop_layer_index_start=1,
-                               loop_layer_index_end=2, layer_types=["hybrid", "hybrid_sliding", "hybrid"], loop_num_passes=2, loop_gate_rank=8),
+    # the looped core must start after layer 0
+    "inkling2_loop_text": dict(unpadded_vocab_size=VOCAB, n_layers_per_attn_res_block=1,
+                               layer_types=["hybrid", "hybrid_sliding", "hybrid"], loop_layer_index_start=1,
+                               loop_layer_index_end=2, loop_num_passes=2, loop_gate_rank=8),
     "qwen4_exp_text": dict(layer_types=["linear_attention", "indexed_attention"], indexer_n_heads=2,
                            indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16, indexer_compress_ratio=4),
     "lara_mini": dict(layer_types=["linear_attention", "sliding_attention", "full_attention"], sliding_window=16),
@@ -222,16 +222,16 @@ def _shrink(defaults: dict) -> dict:
     return d
 
 
+RECURRENT_FAMILIES = discover_recurrent_families()
+
+
 def make_tiny_config(model_type: str):
+    """The tiny config of a RECURRENT_FAMILIES model type: the generic shrink, then the family's overrides."""
     from transformers import AutoConfig
 
-    defaults = AutoConfig.for_model(model_type).to_dict()
-    values = {**_shrink(defaults), **_OVERRIDES.get(model_type, {})}
-    for key in ("layer_types", "block_types"):
-        if key in values:
-            values.setdefault("num_hidden_layers", len(values[key]))
-            if key == "layer_types":
-                values["num_hidden_layers"] = len(values[key])
+    values = {**_shrink(AutoConfig.for_model(model_type).to_dict()), **_OVERRIDES.get(model_type, {})}
+    if "layer_types" in values:
+        values["num_hidden_layers"] = len(values["layer_types"])
     return AutoConfig.for_model(model_type, **values)
 
 

@@ -111,6 +111,7 @@ class ModelRobust:
     name: str
     spec: str
     family: str
+    model_type: str  # transformers' own name: family is "other" for families ssmdiag has no adapter for
     backend: str
     dtype: str
     samples: int
@@ -367,7 +368,8 @@ def measure_robust(loaded: Any, ids: torch.Tensor, cfg: RobustConfig, labels: to
     seconds = time.perf_counter() - t0
     lengths, extra, sweep = summarize_effects(values, regions, cfg)
     return ModelRobust(name=loaded.name, spec=loaded.spec, family=loaded.family,
-                       backend=loaded.backend if loaded.adapter.is_ssm else "n/a (attention)",
+                       model_type=str(getattr(loaded.model.config, "model_type", loaded.family)),
+                       backend=loaded.backend if loaded.adapter.is_ssm else "n/a (not an SSM)",
                        dtype=str(loaded.dtype).replace("torch.", ""), samples=int(ids.shape[0]),
                        tokens=int(ids.shape[1]), lengths=lengths, regions=extra, sweep=sweep,
                        forwards=int(ids.shape[0]) * (1 + len(regions)), seconds=seconds,

@@ -1,0 +1,270 @@
+"""Every family × every command: no traceback anywhere (issue 12, item 4).
+
+A tiny random checkpoint of every recurrent and hybrid causal-LM family in the installed transformers (the seven
+Mamba-based hybrids, the pure SSMs, every other family tinyfamilies.RECURRENT_FAMILIES discovers) and of two plain
+transformers goes through the real CLI, one test per (family, command).  Each run either exits 0 or exits 1 with
+exactly one `Error:` line that names the model type.  The Mamba-based families (hybrids and pure SSMs) must exit 0
+and show their SSM view in every command: A/Ā per SSM layer (info), per-layer rows (influence --per-layer), state
+columns (smooth), a passing carry check (needle), max |Δ logit| ≤ 1e-5 (polarize).  A view another family lacks is
+never a silent empty column: it is a note in result.json, and every note is also a line on stderr (even --quiet).
+The whole matrix takes ~1.5-2.5 min on 2 busy cores: checkpoints are saved once per session, flags are the smallest,
+and most figures are built but not rasterized (no_rendering).
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ssmdiag.cli import app
+from tinyfamilies import MAMBA_HYBRIDS, PURE_SSMS, RECURRENT_FAMILIES, make_tiny_config, save_tiny
+from tinymodels import VOCAB
+
+TRANSFORMERS = ("gpt_neox", "llama")
+SSM_FAMILIES = (*MAMBA_HYBRIDS, *PURE_SSMS)
+FAMILIES = (*SSM_FAMILIES, *TRANSFORMERS, *RECURRENT_FAMILIES)
+
+# the smallest flags that still exercise each command (the needle prompt is carried over 4 prefill segments)
+COMMANDS = {
+    "info": ["info"],
+    "influence": ["influence", "--seq-len", "24", "--samples", "1"],
+    "influence-per-layer": ["influence", "--seq-len", "24", "--samples", "1", "--per-layer"],
+    "smooth": ["smooth", "--seq-len", "24", "--samples", "1"],
+    "needle": ["needle", "--lengths", "200", "--depths", "1", "--max-new-tokens", "2", "--prefill-chunk", "64"],
+    "robust": ["robust", "--seq-len", "24", "--samples", "1"],
+    "polarize": ["polarize"],
+    "polarize-train": ["polarize", "--train", "--steps", "2", "--batch-size", "2", "--seq-len", "24", "--pairs", "2",
+                       "--test-pairs", "2"],
+}
+
+# Known gaps in code this test does not own: (family or "*", command, a text the failure shows, the reason).  A case
+# xfails only while it fails with that text (any other failure still fails) and passes once fixed.
+KNOWN_GAPS: list[tuple[str, str, str, str]] = [
+    ("*", command, "exact only up to a norm's ε",
+     "add mode through a norm whose ε the config shares with every block norm (Jamba's B/C norms; the gated norm "
+     "over the whole width in transformers 5.20) is exact only up to ε, and tiny random models have activations "
+     "near ε (tests/test_polarize.py checks the patch at ε → 0)")
+    for command in ("polarize", "polarize-train")
+] + [
+    ("*", "polarize-train", "never reached stderr: 'no training step improved",
+     "ssmdiag/jobs/polarize.py:229 prints the fine-tune's notes with console.log, which --quiet silences; a "
+     "fallback (the original weights kept) must be console.warn / console.note, as STYLE.md asks"),
+]
+
+
+def _known_gap(family: str, command: str, problem: str) -> str | None:
+    for fam, cmd, shows, reason in KNOWN_GAPS:
+        if fam in ("*", family) and cmd == command and shows in problem:
+            return reason
+    return None
+
+
+pytestmark = pytest.mark.usefixtures("one_thread", "no_rendering")
+
+RENDERED = ("bamba", "qwen3_next", "rwkv", "llama")  # one of each kind renders its PNGs in full
+
+
+@pytest.fixture
+def no_rendering(monkeypatch, request):
+    """Figures are built (every plot function runs on the family's data) but, except for RENDERED, not rasterized:
+    ~500 PNGs would be most of the matrix's time.  The per-command CLI tests render theirs too."""
+    from matplotlib.figure import Figure
+
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("family") in RENDERED:
+        return
+    monkeypatch.setattr(Figure, "tight_layout", lambda self, *a, **k: None)
+    monkeypatch.setattr(Figure, "savefig", lambda self, fname, *a, **k: Path(fname).write_bytes(b""))
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tiny_root, tiny_tokenizer_dir):
+    """family -> its tiny checkpoint (with the offline tokenizer), saved once per session on first use."""
+    saved: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in saved:
+            # the pure SSMs and GPT-NeoX share conftest's folders (same builder, same seed)
+            path = tiny_root / (family if family in (*PURE_SSMS, "gpt_neox") else f"family-{family}")
+            if not (path / "config.json").exists():
+                save_tiny(family, path, tiny_tokenizer_dir)
+            saved[family] = path
+        return saved[family]
+
+    return get
+
+
+def _run(args: list[str]):
+    result = CliRunner().invoke(app, [*args, "--quiet"])
+    doc = None
+    if result.exit_code == 0:
+        found = sorted(Path(args[args.index("--out") + 1]).rglob("result.json"))
+        doc = json.loads(found[-1].read_text()) if found else None
+    return result, doc
+
+
+def _crash(result) -> str | None:
+    """The traceback's tail if the command crashed (an exception that is not a clean exit), else None."""
+    if "Traceback" in result.output:
+        return result.output[-2000:]
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        return "".join(traceback.format_exception(*result.exc_info)[-8:])
+    return None
+
+
+def _outcome_problem(family: str, model_type: str, result) -> str | None:
+    """Why this outcome breaks the contract (exit 0, or exit 1 with one Error: line naming the model type)."""
+    crash = _crash(result)
+    if crash:
+        return f"crashed:\n{crash}"
+    if result.exit_code == 0:
+        return None
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    if family in SSM_FAMILIES:
+        return f"a Mamba-based family must exit 0, got {result.exit_code}: {errors or result.output[-500:]}"
+    if result.exit_code != 1 or len(errors) != 1:
+        return f"exit {result.exit_code} with {len(errors)} Error: lines:\n{result.output[-1000:]}"
+    names = {family, model_type, model_type.removesuffix("_text")}
+    if not any(name in errors[0] for name in names):
+        return f"the Error: line does not name the family ({model_type}): {errors[0]}"
+    return None
+
+
+def _notes(doc: dict) -> str:
+    return " ".join(str(n) for n in doc.get("notes", []))
+
+
+def _ssm_layers(path: Path) -> list[int]:
+    """The decoder layers holding an SSM, read from the checkpoint's weight names (`layers.<i>.….A_log`): a count
+    that does not depend on ssmdiag's adapters."""
+    import re
+
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    return sorted({int(m.group(1)) for k in keys if k.endswith("A_log") and (m := re.search(r"layers\.(\d+)\.", k))})
+
+
+def _ssm_view_problem(command: str, doc: dict, ssm_layers: list[int]) -> str | None:
+    """What a Mamba-based family's result lacks of its SSM view (None: all there)."""
+    m = doc["metrics"]
+    if command == "info":
+        rows = m["summary"].get("layers_a") or []
+        if [r["layer"] for r in rows] != ssm_layers:
+            return f"info: A/Ā rows for layers {[r['layer'] for r in rows]}, SSM layers are {ssm_layers}"
+        if not all(r["a_max"] < 0 and 0 < r["abar_min"] <= r["abar_max"] < 1 for r in rows):
+            return f"info: A/Ā out of range: {rows}"
+    elif command == "influence-per-layer":
+        rows = [r["layer"] for r in m["models"][0].get("per_layer") or []]
+        if rows != ssm_layers:
+            return f"influence --per-layer: rows for layers {rows}, SSM layers are {ssm_layers}"
+    elif command == "smooth":
+        with_states = [la["layer"] for la in m["models"][0]["layers"] if la.get("states")]
+        if not m["models"][0].get("is_ssm") or with_states != ssm_layers:
+            return f"smooth: state columns for layers {with_states}, SSM layers are {ssm_layers}"
+    elif command == "needle":
+        carry = m.get("carry_check") or {}
+        if carry.get("ok") is not True:
+            return f"needle: carry check did not pass: {carry}"
+    elif command in ("polarize", "polarize-train"):
+        patch = m.get("patch") or {}
+        dlogit = patch.get("max_abs_dlogit")
+        if dlogit is None or dlogit > 1e-5:
+            said = " ".join(map(str, [patch.get("how", ""), *patch.get("notes", []), *doc.get("notes", [])]))
+            eps = " (the patch report says: exact only up to a norm's ε)" if "ε" in said else ""
+            return f"{command}: max |Δ logit| {dlogit} (want <= 1e-5){eps}"
+    return None
+
+
+def _silent_gap_problem(family: str, command: str, doc: dict, model_type: str) -> str | None:
+    """A view a non-Mamba family lacks must be a note in result.json, never a silent empty column."""
+    m = doc["metrics"]
+    if command == "info":  # the table's "SSM recurrence seen" row says it: no note needed
+        summary = m["summary"]
+        if summary.get("model_type") != model_type or not isinstance(summary.get("recurrence"), bool):
+            return f"info: does not name the model type {model_type} and whether ssmdiag sees its recurrence"
+    elif command == "robust" and m["models"][0].get("model_type") != model_type:
+        return f"robust: the result does not name the model type {model_type}"
+    elif command == "influence-per-layer" and not m["models"][0].get("per_layer") and not _notes(doc):
+        return "influence --per-layer: no per-layer rows and no note"
+    elif command == "smooth" and family in RECURRENT_FAMILIES:
+        model = m["models"][0]
+        if not any(la.get("states") for la in model["layers"]) and not (_notes(doc) or model.get("states_note")):
+            return "smooth: no state columns and no note"
+    return None
+
+
+def _unannounced_note(doc: dict, stderr: str) -> str | None:
+    """Every note in result.json was also one line on stderr (even with --quiet)."""
+    said = " ".join(stderr.split())
+    for note in doc.get("notes", []):
+        if " ".join(str(note).split()) not in said:
+            return f"a note in result.json never reached stderr: {note!r}\nstderr:\n{stderr[-1500:]}"
+    return None
+
+
+def _model_type(path: Path) -> str:
+    return json.loads((path / "config.json").read_text())["model_type"]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_command(family, command, family_dirs, tmp_path):
+    path = family_dirs(family)
+    model_type = _model_type(path)
+    args = [*COMMANDS[command][:1], str(path), *COMMANDS[command][1:], "--out", str(tmp_path / "runs"), "--json"]
+    result, doc = _run(args)
+    problems = [_outcome_problem(family, model_type, result)]
+    if problems[0] is None and result.exit_code == 0 and doc is None:
+        problems = ["exit 0 without a result.json"]
+    if problems[0] is None and doc is not None:
+        view = (_ssm_view_problem(command, doc, _ssm_layers(path)) if family in SSM_FAMILIES
+                else _silent_gap_problem(family, command, doc, model_type))
+        problems = [_unannounced_note(doc, result.stderr), view]
+    problems = [p for p in problems if p is not None]
+    gaps = [_known_gap(family, command, p) for p in problems]
+    if problems and all(gaps):  # every problem is a listed gap: xfail with the reasons
+        pytest.xfail("known gap: " + "; ".join(f"{g} ({p.splitlines()[0]})" for g, p in zip(gaps, problems)))
+    assert not problems, f"{family} × {command}: " + "\n".join(p for p, g in zip(problems, gaps) if g is None)
+
+
+RECURRENT_KINDS = {"linear_attention", "conv", "hybrid", "hybrid_sliding", "recurrent"}  # hybrid: conv + attention
+ATTENTION_KINDS = {"full_attention", "sliding_attention", "indexed_attention", "attention", "hybrid", "hybrid_sliding"}
+
+
+def _kinds(config) -> list[str] | None:
+    kinds = getattr(config, "layer_types", None) or getattr(config, "block_types", None)
+    return None if kinds is None else [str(k) for k in kinds][: config.num_hidden_layers]
+
+
+@pytest.mark.parametrize("family", RECURRENT_FAMILIES)
+def test_tiny_config_keeps_a_recurrent_and_an_attention_layer(family):
+    """Tiny, and still the family: one recurrent layer at least, and one attention layer where the family has any."""
+    from transformers import AutoConfig
+
+    cfg = make_tiny_config(family)
+    assert cfg.num_hidden_layers <= 4 and cfg.vocab_size == VOCAB and cfg.hidden_size <= 64
+    kinds, full = _kinds(cfg), _kinds(AutoConfig.for_model(family))
+    if kinds is None:  # RWKV, xLSTM: every layer is recurrent
+        return
+    assert set(kinds) & RECURRENT_KINDS, kinds
+    if full and set(full) & ATTENTION_KINDS:
+        assert set(kinds) & ATTENTION_KINDS, kinds
+
+
+def test_discovery_finds_the_known_recurrent_families():
+    """The discovery rule finds the gated-delta, RWKV, xLSTM, RecurrentGemma and LFM2 families (where installed)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal,
+    )
+
+    expected = {"qwen3_next", "kimi_linear", "olmo_hybrid", "rwkv", "xlstm", "recurrent_gemma", "lfm2"}
+    missing = {t for t in expected if t in causal} - set(RECURRENT_FAMILIES)
+    assert not missing, f"transformers {transformers.__version__}: discovery missed {missing}"
+    assert not set(RECURRENT_FAMILIES) & set(SSM_FAMILIES)
