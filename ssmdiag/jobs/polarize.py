@@ -228,8 +228,8 @@ def _train(model, loaded: LoadedModel, cfg: PatchConfig, run: Run) -> dict:
         res = finetune(model, spec, tcfg, tokenizer=tokenizer, run_dir=run.path / TRAIN_STATE, on_step=on_step,
                        frozen=polarized_masks(model), trainable=trainable_masks(model, t.trainable))
     shutil.rmtree(run.path / TRAIN_STATE, ignore_errors=True)  # twice the model's size, and no longer needed
-    for msg in res.notes:
-        console.warn(msg) if res.worse and "WORSE" in msg else console.log(msg)
+    for msg in res.notes:  # fine-tuning's caveats (worse than before, original weights kept): always on stderr
+        console.warn(msg)
         run.note(msg)
     return {"task": asdict(spec), "config": {**asdict(tcfg), "trainable": t.trainable}, "result": res,
             "losses": losses}

@@ -62,6 +62,7 @@ class PolarizeReport:
     check_tokens: int = 0
     max_abs_dlogit: float | None = None
     rel_dlogit: float | None = None
+    max_abs_dlogit_eps0: float | None = None  # the same check with every norm's ε ≈ 0 (only when the first is > tol)
     notes: list[str] = field(default_factory=list)
 
 

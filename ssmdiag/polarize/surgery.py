@@ -29,6 +29,7 @@ with the same backend), so the logit check compares the surgery, not two scans.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -116,9 +117,31 @@ def polarize_model(model: nn.Module, channels: str = "both", mode: str = "add", 
         function_preserving=mode == "add", how=how, check_tokens=check_tokens)
     report.max_abs_dlogit, report.rel_dlogit, report.check_dtype = logit_change(model, new_model, check_tokens, seed)
     if mode == "add" and report.rel_dlogit > ADD_TOLERANCE:
+        with _norm_eps(model, EPS_PROBE), _norm_eps(new_model, EPS_PROBE):
+            report.max_abs_dlogit_eps0 = logit_change(model, new_model, check_tokens, seed)[0]
         report.notes.append(f"add mode changed the logits by {report.rel_dlogit:.2g} (relative, max |Δ logit| "
-                            f"{report.max_abs_dlogit:.2g}): {_why_inexact(adapter)}")
+                            f"{report.max_abs_dlogit:.2g}): {_why_inexact(adapter)}; with every norm's ε at "
+                            f"{EPS_PROBE:g} the change is {report.max_abs_dlogit_eps0:.2g}")
     return new_model, report
+
+
+EPS_PROBE = 1e-30  # not 0: a new, all-zero gated-norm group would give 0/0
+
+
+@contextlib.contextmanager
+def _norm_eps(model: nn.Module, eps: float):
+    """Every RMSNorm / LayerNorm of the model with its ε set to `eps` for the block (restored after)."""
+    saved = []
+    for module in model.modules():
+        for attr in ("variance_epsilon", "eps"):
+            if isinstance(getattr(module, attr, None), float):
+                saved.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, eps)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
 
 
 ADD_TOLERANCE = 1e-5  # relative logit change above which add mode is reported as not preserving the function
