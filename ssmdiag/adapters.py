@@ -150,12 +150,10 @@ class Adapter:
         if ssm is not None:
             return ssm
         attn = self.attention(block)
-        if attn is not None:
+        if attn is not None or self.family != "other":
             return attn
-        for name in ("mixer", "attention", "self_attn", "attn"):
-            if self.family == "other" and hasattr(block, name):
-                return getattr(block, name)
-        return None
+        # a family without an adapter: whatever module sits where token mixers usually do
+        return next((getattr(block, n) for n in ("mixer", "attention", "self_attn", "attn") if hasattr(block, n)), None)
 
     def mixer_norm(self, block: nn.Module) -> nn.Module | None:
         """The norm applied to the block input before the mixer."""
@@ -253,6 +251,13 @@ class Adapter:
         """Mamba-2 B/C groups g."""
         m = self._first_ssm()
         return int(m.n_groups) if m is not None and self.ssm_kind == "mamba2" else None
+
+    @property
+    def ssm_norm_whole_width(self) -> bool:
+        """Whether the Mamba-2 mixers' gated RMSNorm normalises over the whole width d (transformers 5.20's Mamba-2,
+        Bamba, Granite-4.0-H) instead of per B/C group (later releases; Nemotron-H, Zamba2, Falcon-H1 always)."""
+        norm = getattr(self._first_ssm(), "norm", None) if self.ssm_kind == "mamba2" else None
+        return hasattr(norm, "weight") and not any(hasattr(norm, a) for a in ("group_size", "n_groups"))
 
     # --- SSM parameters ------------------------------------------------------------------
     def _ssm_at(self, layer: int) -> nn.Module:

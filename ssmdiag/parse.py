@@ -12,10 +12,10 @@ from .errors import SsmdiagError
 from .metrics.influence_fit import auto_fit_range
 
 
-def parse_layers(text: str | None, num_layers: int) -> list[int]:
-    """'all' / None -> every layer; '0-3,7' -> [0, 1, 2, 3, 7]; refuses indices out of range."""
+def parse_layers(text: str | None, num_layers: int, every: list[int] | None = None) -> list[int]:
+    """'all' / None -> `every` (default: every layer); '0-3,7' -> [0, 1, 2, 3, 7]; refuses indices out of range."""
     if text is None or str(text).strip().lower() in ("", "all"):
-        return list(range(num_layers))
+        return list(range(num_layers)) if every is None else list(every)
     out: set[int] = set()
     for part in str(text).split(","):
         part = part.strip()

@@ -138,3 +138,10 @@ def test_errors():
         polarize_model(new, "zero", "replace", [0])
     again, _ = polarize_model(polarize_model(make_model("mamba"), "one", "add")[0], "zero", "add")  # other role: fine
     assert len(getattr(again.config, CONFIG_FIELD)["ops"]) == 2
+
+
+def test_all_layers_means_every_ssm_layer_when_asked():
+    """`--layers all` (any spelling) on a hybrid picks its SSM layers, never the attention layers."""
+    for text in (None, "all", " ALL ", ""):
+        assert parse_layers(text, 4, every=[0, 2]) == [0, 2]
+    assert parse_layers(None, 3) == [0, 1, 2] and parse_layers("1,3", 4, every=[0, 2]) == [1, 3]

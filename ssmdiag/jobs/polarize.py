@@ -21,7 +21,7 @@ from ..metrics.polarize import diagnose
 from ..parse import parse_layers
 from ..polarize.masks import polarized_masks, trainable_masks
 from ..polarize.record import abar_check, is_polarized, polarization_record
-from ..polarize.surgery import check_polarizable, logit_change, polarize_model
+from ..polarize.surgery import check_polarizable, check_ssm_layers, logit_change, polarize_model
 from ..results import Run, check_resume_dir, start_run, to_jsonable, write_json_atomic
 from ..runtime import distributed
 from ..training.finetune import TaskSpec, check_task, finetune
@@ -110,11 +110,8 @@ def _identity(cfg: PatchConfig, chosen: list[int]) -> dict[str, Any]:
 def _check_patch(loaded: LoadedModel, cfg: PatchConfig, resume: Path | None) -> list[int]:
     """Refuse impossible settings before any folder is made or heavy work starts; return the chosen layers."""
     check_polarizable(loaded.model, cfg.channels, cfg.mode)
-    ssm = loaded.adapter.ssm_layers()  # hybrids: "all" means every SSM layer
-    chosen = [i for i in parse_layers(cfg.layers, loaded.adapter.num_layers) if cfg.layers not in (None, "all") or i in ssm]
-    if any(i not in ssm for i in chosen):
-        raise SsmdiagError(f"layers {[i for i in chosen if i not in ssm]} are not SSM layers of this "
-                           f"{loaded.adapter.model_type} model", hint=f"its SSM layers are {','.join(map(str, ssm))}")
+    adapter = loaded.adapter  # hybrids: "all" means every SSM layer
+    chosen = check_ssm_layers(adapter, parse_layers(cfg.layers, adapter.num_layers, every=adapter.ssm_layers()))
     if cfg.train is not None:
         check_task(_task_spec(cfg.train), int(loaded.config.vocab_size))
         if cfg.train.task == "text":

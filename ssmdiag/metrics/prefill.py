@@ -79,7 +79,6 @@ class ModelRunner:
         self.model, self.family = model, family
         self.mode = mode or default_mode(family)
         self.chunk = None if self.mode == "whole" else chunk
-        self.is_ssm = self.mode == "carry"
         params = inspect.signature(model.forward).parameters
         # transformers 5.24 renamed the cache argument to `cache`; older releases call it past_key_values
         self.cache_kw = next((k for k in ("cache", "past_key_values") if k in params), "past_key_values")
@@ -88,15 +87,14 @@ class ModelRunner:
 
     def new_cache(self) -> Any:
         """An empty state of the runner's mode."""
-        if self.mode == "whole":
-            return History()
-        if self.mode in ("carry", "hybrid"):
-            from ..kernels.mixer import StateCarry
-
-            if self.mode == "carry":
-                return StateCarry()
         from transformers import DynamicCache
 
+        from ..kernels.mixer import StateCarry
+
+        if self.mode == "whole":
+            return History()
+        if self.mode == "carry":
+            return StateCarry()
         kv = DynamicCache(config=self.model.config)
         return HybridState(StateCarry(), kv) if self.mode == "hybrid" else kv
 
@@ -219,7 +217,7 @@ def check_state_carry(model: nn.Module, family: str, vocab: int, dtype: torch.dt
         mark = many.save(cache)
         many.feed(cache, ids[seg:])
         again = many.feed(many.restore(cache, mark), ids[seg:], all_logits=True)
-    except Exception as exc:  # noqa: BLE001 - a recurrent family whose cache cannot be continued or cropped
+    except Exception as exc:  # a recurrent family whose cache cannot be continued or cropped
         if family != "other":
             raise
         return CarryCheck(False, float("nan"), float("nan"), float("nan"), mode,
@@ -249,8 +247,8 @@ class PrefixStates:
     """The model's cache after the first p tokens of a fixed stream (lead + haystack), shared across prompts.
 
     With reuse, requests for increasing p advance one walk through the stream: SSMs keep copies of their
-    fixed-size state at the last `keep` positions; KV caches are cropped back (exact, no copy); hybrids do both. The caller
-    may extend the returned cache, but must be done with it before the next `at()` call.
+    fixed-size state at the last `keep` positions; KV caches are cropped back (exact, no copy); hybrids do both.
+    The caller may extend the returned cache, but must be done with it before the next `at()` call.
     """
 
     def __init__(self, runner: ModelRunner, stream: Sequence[int], reuse: bool = True, keep: int = 2):

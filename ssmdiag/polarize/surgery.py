@@ -39,7 +39,14 @@ from ..adapters import MAMBA_FAMILIES, get_adapter
 from ..errors import SsmdiagError
 from .grow import grow_mamba1_layer, grow_mamba2_layer, mamba2_growth
 from .masks import mixer_prefixes
-from .record import ROLES, PolarizeReport, check_not_polarized, operation, record_operation, set_polar_a_log
+from .record import (
+    ROLES,
+    PolarizeReport,
+    check_not_polarized,
+    operation,
+    record_operation,
+    set_polar_a_log,
+)
 
 Slots = tuple[list[int], list[int], list[int], str]  # one, zero, added, how
 MODES = ("add", "replace")  # --mode
@@ -80,13 +87,7 @@ def polarize_model(model: nn.Module, channels: str = "both", mode: str = "add", 
     """
     family = check_polarizable(model, channels, mode)
     adapter = get_adapter(model)
-    ssm = adapter.ssm_layers()
-    chosen = ssm if layers is None else sorted(set(layers))
-    if any(i not in ssm for i in chosen):
-        bad = [i for i in chosen if i not in ssm]
-        raise SsmdiagError(f"layers {bad} are not SSM layers of this {adapter.model_type} model "
-                           f"({adapter.num_layers} layers, pattern {''.join(adapter.layer_pattern())})",
-                           hint=f"its SSM layers are {_ranges(ssm)}")
+    chosen = check_ssm_layers(adapter, adapter.ssm_layers() if layers is None else layers)
     roles = ROLES[channels]
     check_not_polarized(model.config, roles, chosen)
     gen = torch.Generator().manual_seed(seed)
@@ -96,10 +97,11 @@ def polarize_model(model: nn.Module, channels: str = "both", mode: str = "add", 
     keys = adapter.ssm_config_keys
     if adapter.ssm_kind == "mamba2":
         unit, size_before = "head", adapter.n_heads
-        norm = getattr(adapter.ssm_mixer(adapter.blocks()[ssm[0]]), "norm", None)
-        keys = {**keys, "_whole_norm": norm is not None and not any(hasattr(norm, a) for a in ("group_size", "n_groups"))}
-        surgery = _mamba2_add if mode == "add" else _mamba2_replace
-        one, zero, added, how = surgery(cfg, sd, prefixes, roles, chosen, gen, keys)
+        if mode == "add":
+            one, zero, added, how = _mamba2_add(cfg, sd, prefixes, roles, chosen, gen, keys,
+                                                adapter.ssm_norm_whole_width)
+        else:
+            one, zero, added, how = _mamba2_replace(cfg, sd, prefixes, roles, chosen, gen, keys)
         size_after = int(getattr(cfg, keys["heads"]))
     else:
         unit, size_before = "state_channel", adapter.d_state
@@ -147,13 +149,27 @@ def _norm_eps(model: nn.Module, eps: float):
 ADD_TOLERANCE = 1e-5  # relative logit change above which add mode is reported as not preserving the function
 
 
+def check_ssm_layers(adapter, layers: list[int]) -> list[int]:
+    """The sorted layer indices, refused unless every one is an SSM layer of the model (hybrids: not attention)."""
+    ssm = adapter.ssm_layers()
+    chosen = sorted(set(layers))
+    bad = [i for i in chosen if i not in ssm]
+    if bad:
+        raise SsmdiagError(f"layers {bad} are not SSM layers of this {adapter.model_type} model "
+                           f"({adapter.num_layers} layers, pattern {''.join(adapter.layer_pattern())})",
+                           hint=f"its SSM layers are {_ranges(ssm)}")
+    return chosen
+
+
 def _why_inexact(adapter) -> str:
     if adapter.ssm_variant == "jamba":
         return ("Jamba's Δ/B/C RMSNorms share the config's rms_norm_eps with every block norm, so the new channels' "
                 "dilution is taken back only up to that ε; random-init weights, whose B/C activations are tiny, "
                 "feel it most")
-    return ("the mixer's gated RMSNorm normalises over its whole width in this transformers release, so the new "
-            "heads' dilution is taken back only up to the norm's ε")
+    if adapter.ssm_norm_whole_width:
+        return ("the mixer's gated RMSNorm normalises over its whole width in this transformers release, so the new "
+                "heads' dilution is taken back only up to the norm's ε")
+    return "the patch itself is exact only up to the norms' ε (compare the ε ≈ 0 figure)"
 
 
 @torch.no_grad()
@@ -259,8 +275,12 @@ def _mamba2_replace(cfg, sd, prefixes, roles, chosen, gen, keys) -> Slots:
     return one, zero, [], f"repurposed heads {one + zero} (first/last head of each of the {g} groups; A only)"
 
 
-def _mamba2_add(cfg, sd, prefixes, roles, chosen, gen, keys) -> Slots:
-    """Append whole new B/C groups of heads (gates closed) to every layer; polarize heads of the chosen layers."""
+def _mamba2_add(cfg, sd, prefixes, roles, chosen, gen, keys, whole_norm: bool) -> Slots:
+    """Append whole new B/C groups of heads (gates closed) to every layer; polarize heads of the chosen layers.
+
+    Args:
+        whole_norm: the gated RMSNorm normalises the whole width (adapters.Adapter.ssm_norm_whole_width).
+    """
     h, g = int(getattr(cfg, keys["heads"])), int(getattr(cfg, keys["groups"]))
     p, n = int(getattr(cfg, keys["head_dim"])), int(getattr(cfg, keys["state"]))
     hpg = h // g
@@ -274,7 +294,7 @@ def _mamba2_add(cfg, sd, prefixes, roles, chosen, gen, keys) -> Slots:
     for layer, pre in prefixes.items():
         polar = layer in chosen
         grow_mamba2_layer(sd, pre, (h, p, g, n), m, g_new, one if polar else [], zero if polar else [], gen,
-                          keys["_whole_norm"])
+                          whole_norm)
     if e:
         setattr(cfg, keys["expand"], int(getattr(cfg, keys["expand"])) + e)
     if keys.get("d_inner") and getattr(cfg, keys["d_inner"], None) is not None:
@@ -285,6 +305,6 @@ def _mamba2_add(cfg, sd, prefixes, roles, chosen, gen, keys) -> Slots:
     how = (f"heads {h} -> {h + m} in {g_new} new B/C group(s) ({grown}n_groups {g} -> {g + g_new}): the new "
            "heads' gate rows z are zero, so silu(z) = 0 makes their gated output exactly 0, and "
            + ("the gated RMSNorm (over the whole width in this transformers) has its old weights x sqrt(d/(d+mp)) "
-              "to cancel the zeros' dilution (exact up to the norm's ε)" if keys["_whole_norm"] else
+              "to cancel the zeros' dilution (exact up to the norm's ε)" if whole_norm else
               "as they form their own RMSNorm groups the old groups' normalisation is untouched"))
     return one, zero, list(range(h, h + m)), how
