@@ -45,7 +45,7 @@ class LayerRecord:
     u: torch.Tensor | None = None  # (b, l, d) / (b, l, h, p): the scan input x
     delta: torch.Tensor | None = None  # (b, l, d) / (b, l, h): Δ after bias, softplus (and Mamba-2's clamp)
     A: torch.Tensor | None = None  # (d, n) / (h,)
-    B: torch.Tensor | None = None  # (b, l, n) / (b, l, g, n)
+    B: torch.Tensor | None = None  # (b, l, n) / (b, l, g, n); Zamba (Mamba-1 A, B per head): (b, l, heads, n)
     C: torch.Tensor | None = None
     states: torch.Tensor | None = None  # "last": (b, d, n) / (b, h, p, n); "all" or positions: dim 1 = time
     abar_min: torch.Tensor | None = None  # (d, n) / (h,): min over batch and time of exp(Δ A)
