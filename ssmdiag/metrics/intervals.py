@@ -1,7 +1,17 @@
-"""Means and 95% intervals over seeds (Student's t), and whether two intervals say two means differ.
+"""The one home of ssmdiag's 95% intervals and comparisons: Student-t over independent units (samples, seeds).
 
-With few seeds the t interval is wide on purpose (3 seeds: mean ± 4.30·s/√3): a grid cell is a plateau-escape
-lottery, and a single seed cannot rank variants.
+Every interval ssmdiag prints is a Student-t interval of a mean over *independent units*: one number per sample
+(a sequence), per seed (a training run) or per pair of them. The units are never rows of one sequence. A 95%
+t interval of n independent roughly-normal values covers the truth 95% of the time at any n ≥ 2 — at n = 2 it is
+mean ± 12.7·s/√2, wide on purpose. Its coverage is checked by simulation in tests/test_intervals.py at the sample
+counts users run; a command that needs another estimand (a ratio, a shape) maps it onto such a mean first
+(log ratios, per-sample fits).
+
+Comparisons follow the design: `compare_paired` when the two arms share their units (the same samples through two
+models, the same seed's training stream and test set for two variants), `compare_unpaired` (Welch) otherwise. A
+difference is called only when its interval excludes 0; otherwise the verdict is "not detected" together with the
+smallest difference the run could have detected (80% power at the 5% level: (t_.975 + t_.80)·SE), so "no
+difference" is never claimed.
 """
 
 from __future__ import annotations
@@ -9,53 +19,230 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# two-sided 95% critical values of Student's t for 1 … 30 degrees of freedom (then the normal's 1.96)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+LEVEL = 0.95
+POWER = 0.80
+NOT_DETECTED = "not detected"
 
 
-def t_critical(df: int) -> float:
-    """The 97.5% quantile of Student's t with `df` degrees of freedom."""
-    if df < 1:
+# --- Student's t distribution (CDF through the regularized incomplete beta function, quantile by bisection) -----
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b) for 0 ≤ x ≤ 1."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T ≤ t) for Student's t with `df` > 0 degrees of freedom (real df, for Welch)."""
+    if math.isinf(df):
+        return 0.5 * math.erfc(-t / math.sqrt(2.0))
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with `df` > 0 degrees of freedom (NaN for df ≤ 0 or NaN)."""
+    if not (df > 0) or not (0.0 < p < 1.0):
         return float("nan")
-    return _T975[df - 1] if df <= len(_T975) else 1.96
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def t_critical(df: float, level: float = LEVEL) -> float:
+    """The two-sided critical value of a `level` interval: the (1 + level)/2 quantile of t with `df`."""
+    return t_quantile(0.5 + level / 2.0, df)
+
+
+# --- intervals of a mean over independent units ---------------------------------------------------------------
 
 
 @dataclass
 class Interval:
-    """Mean of n values with a 95% t interval [lo, hi] (lo = hi = mean for one value: no interval)."""
+    """Mean of n independent values with its 95% Student-t interval.
+
+    lo / hi are None when there is no interval (fewer than 2 finite values); `note` then says why.
+    """
 
     mean: float
-    lo: float
-    hi: float
+    lo: float | None
+    hi: float | None
     n: int
-    sd: float
+    sd: float | None
+    se: float | None = None
+    unit: str = "samples"
+    note: str | None = None
 
     @property
-    def half(self) -> float:
-        return (self.hi - self.lo) / 2
+    def ci95(self) -> tuple[float, float] | None:
+        return None if self.lo is None or self.hi is None else (self.lo, self.hi)
+
+    @property
+    def half(self) -> float | None:
+        return None if self.ci95 is None else (self.hi - self.lo) / 2
+
+    @property
+    def method(self) -> str:
+        return f"Student-t over {self.n} {self.unit}" if self.ci95 is not None else "none"
 
 
-def mean_interval(values: list[float]) -> Interval:
-    """Mean and 95% t interval of `values` (None / NaN entries dropped)."""
-    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+def finite(values) -> list[float]:
+    """The finite floats of `values` (None, NaN and ±inf dropped)."""
+    out = []
+    for v in values:
+        if v is None:
+            continue
+        x = float(v)
+        if math.isfinite(x):
+            out.append(x)
+    return out
+
+
+def mean_interval(values, unit: str = "samples", level: float = LEVEL) -> Interval:
+    """Mean and `level` Student-t interval of one value per independent unit (non-finite values dropped).
+
+    Args:
+        values: one number per unit (sample, seed, pair). unit: the unit's name, for method strings and notes.
+    """
+    xs = finite(values)
     n = len(xs)
     if n == 0:
-        return Interval(float("nan"), float("nan"), float("nan"), 0, float("nan"))
+        return Interval(float("nan"), None, None, 0, None, None, unit, f"no finite values over {unit}")
     mean = sum(xs) / n
     if n == 1:
-        return Interval(mean, mean, mean, 1, 0.0)
+        return Interval(mean, None, None, 1, None, None, unit, f"one {unit.rstrip('s')}: an interval needs ≥ 2 {unit}")
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = t_critical(n - 1) * sd / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n, sd)
+    se = sd / math.sqrt(n)
+    half = t_critical(n - 1, level) * se
+    return Interval(mean, mean - half, mean + half, n, sd, se, unit)
 
 
-def compare(a: Interval, b: Interval) -> str:
-    """'higher' / 'lower' when a's interval lies wholly above / below b's, else 'no difference' (or 'one seed')."""
-    if a.n < 2 or b.n < 2:
-        return "one seed: no interval"
-    if a.lo > b.hi:
-        return "higher"
-    if a.hi < b.lo:
-        return "lower"
-    return "no difference"
+def log_mean_interval(values, unit: str = "samples") -> Interval:
+    """Geometric mean of positive values with the exponentiated t interval of their logs (for ratios).
+
+    Non-positive or non-finite values are dropped (a ratio with a zero side has no log).
+    """
+    logs = [math.log(v) for v in finite(values) if v > 0]
+    iv = mean_interval(logs, unit)
+    ex = (lambda z: None if z is None else math.exp(z))
+    return Interval(math.exp(iv.mean) if iv.n else float("nan"), ex(iv.lo), ex(iv.hi), iv.n, iv.sd, iv.se, unit,
+                    iv.note)
+
+
+# --- comparisons ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """first − second: the estimate, its 95% interval, and a verdict that never claims "no difference".
+
+    Args:
+        difference: the estimate (mean of paired differences, or difference of means).
+        mdd: the smallest true difference this design detects with 80% power at the 5% level ((t_.975 + t_.80)·SE);
+            None without an interval.
+        verdict: "higher" | "lower" (first vs second; the interval excludes 0) | "not detected" | "no interval".
+        text: the verdict for a table, e.g. "not detected (would need > 0.12)".
+    """
+
+    difference: float
+    lo: float | None
+    hi: float | None
+    n: int
+    se: float | None
+    df: float | None
+    mdd: float | None
+    verdict: str
+    text: str
+    paired: bool
+    unit: str = "samples"
+
+    @property
+    def ci95(self) -> tuple[float, float] | None:
+        return None if self.lo is None or self.hi is None else (self.lo, self.hi)
+
+
+def minimum_detectable(se: float, df: float, power: float = POWER, level: float = LEVEL) -> float:
+    """The smallest true difference a two-sided `level` t test detects with `power`: (t_crit + t_power)·SE."""
+    return (t_critical(df, level) + t_quantile(power, df)) * se
+
+
+def _verdict(diff: float, lo: float | None, hi: float | None, mdd: float | None, fmt, n: int, unit: str,
+             higher: str, lower: str) -> tuple[str, str]:
+    if lo is None or hi is None:
+        return "no interval", f"no interval ({n} {unit}: needs ≥ 2)"
+    if lo > 0:
+        return "higher", higher
+    if hi < 0:
+        return "lower", lower
+    return NOT_DETECTED, f"{NOT_DETECTED} (would need > {fmt(mdd)})"
+
+
+def compare_paired(first, second, unit: str = "samples", fmt=lambda v: f"{v:.3g}", higher: str = "higher",
+                   lower: str = "lower") -> Comparison:
+    """first − second over units that the design pairs (the same sample through two models, the same seed).
+
+    Units where either side is non-finite are dropped together.
+
+    Args:
+        first, second: equal-length sequences, one value per shared unit. fmt: formats the MDD in the text.
+        higher, lower: the verdict texts when the interval lies above / below 0.
+    """
+    if len(first) != len(second):
+        raise ValueError(f"paired comparison of {len(first)} and {len(second)} {unit}")
+    diffs = [float(a) - float(b) for a, b in zip(first, second)
+             if a is not None and b is not None and math.isfinite(float(a)) and math.isfinite(float(b))]
+    iv = mean_interval(diffs, unit)
+    mdd = minimum_detectable(iv.se, iv.n - 1) if iv.se is not None else None
+    verdict, text = _verdict(iv.mean, iv.lo, iv.hi, mdd, fmt, iv.n, unit, higher, lower)
+    return Comparison(iv.mean, iv.lo, iv.hi, iv.n, iv.se, iv.n - 1 if iv.n > 1 else None, mdd, verdict, text,
+                      True, unit)
+
+
+def compare_unpaired(first, second, unit: str = "samples", fmt=lambda v: f"{v:.3g}", higher: str = "higher",
+                     lower: str = "lower") -> Comparison:
+    """mean(first) − mean(second) for independent groups: Welch's interval (Welch–Satterthwaite df)."""
+    a, b = mean_interval(first, unit), mean_interval(second, unit)
+    diff = a.mean - b.mean
+    lo = hi = se = df = mdd = None
+    if a.se is not None and b.se is not None:
+        va, vb = a.se**2, b.se**2
+        se = math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1)) if se > 0 else float(a.n + b.n - 2)
+        half = t_critical(df) * se
+        lo, hi, mdd = diff - half, diff + half, minimum_detectable(se, df)
+    verdict, text = _verdict(diff, lo, hi, mdd, fmt, min(a.n, b.n), unit, higher, lower)
+    return Comparison(diff, lo, hi, min(a.n, b.n), se, df, mdd, verdict, text, False, unit)
