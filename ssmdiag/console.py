@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
@@ -96,9 +97,31 @@ def emit(doc: Any, tables: Iterable[Table] = (), as_json: bool = False) -> None:
     if as_json:
         sys.stdout.write(json.dumps(to_jsonable(doc), indent=2) + "\n")
         return
+    if os.environ.get(TABLE_FORMAT_ENV, "").lower() == "markdown":
+        sys.stdout.write("\n\n".join(markdown_table(t) for t in tables) + "\n")
+        return
     stdout = out if out.is_terminal else Console(soft_wrap=True, width=PIPED_WIDTH, file=sys.stdout)
     for t in tables:
         stdout.print(t)
+
+
+TABLE_FORMAT_ENV = "SSMDIAG_TABLE_FORMAT"  # "markdown": tables as GitHub markdown (docs/regenerate.py pastes them)
+
+
+def markdown_table(t: Table) -> str:
+    """A rich table as a GitHub-markdown table (title in bold above it; '|' inside a cell escaped).
+
+    Args:
+        t: a table built by `table`.
+    """
+    cell = (lambda v: str(v).replace("|", "\\|").replace("\n", " "))
+    cols = [list(c.cells) for c in t.columns]
+    lines = [f"**{t.title}**", ""] if t.title else []
+    lines.append("| " + " | ".join(cell(c.header) for c in t.columns) + " |")
+    lines.append("| " + " | ".join("---" for _ in t.columns) + " |")
+    for r in range(max((len(c) for c in cols), default=0)):
+        lines.append("| " + " | ".join(cell(c[r]) if r < len(c) else "" for c in cols) + " |")
+    return "\n".join(lines)
 
 
 def fmt(value: Any, digits: int = 4) -> str:

@@ -246,3 +246,15 @@ def compare_unpaired(first, second, unit: str = "samples", fmt=lambda v: f"{v:.3
         lo, hi, mdd = diff - half, diff + half, minimum_detectable(se, df)
     verdict, text = _verdict(diff, lo, hi, mdd, fmt, min(a.n, b.n), unit, higher, lower)
     return Comparison(diff, lo, hi, min(a.n, b.n), se, df, mdd, verdict, text, False, unit)
+
+
+def compare(a: Interval, b: Interval) -> str:
+    """DEPRECATED (the grid moves to compare_paired): 'higher' / 'lower' when a's interval lies wholly above / below
+    b's, else 'not detected'."""
+    if a.ci95 is None or b.ci95 is None:
+        return "one seed: no interval"
+    if a.lo > b.hi:
+        return "higher"
+    if a.hi < b.lo:
+        return "lower"
+    return NOT_DETECTED
