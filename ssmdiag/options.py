@@ -200,3 +200,9 @@ class Filler(Choice):
 
     zero = "zero"
     random = "random"
+
+
+# --- length ---------------------------------------------------------------------------------------
+TrainLenOpt = Annotated[Optional[str], typer.Option(
+    "--train-len", help="Training context in tokens (2048, 2k); default: from the config or a known checkpoint.")]
+

@@ -80,6 +80,17 @@ def parse_lengths(text: str) -> list[int]:
     return sorted(set(out))
 
 
+def parse_train_len(text: str | None) -> int | None:
+    """`length --train-len`: '2k' / '2048' -> 2048 tokens (k = 1024); None / '' / 'auto' -> None (from the config)."""
+    if text is None or str(text).strip().lower() in ("", "auto"):
+        return None
+    m = re.fullmatch(r"(\d+)(k?)", str(text).strip().lower())
+    if not m or int(m.group(1)) * (1024 if m.group(2) else 1) < 2:
+        raise SsmdiagError(f"--train-len '{text}' is not a token count of at least 2",
+                           hint="give the training context in tokens, e.g. --train-len 2048 or 2k")
+    return int(m.group(1)) * (1024 if m.group(2) else 1)
+
+
 def parse_depths(text: str) -> list[float]:
     """'11' -> 11 depths evenly spaced over 0-100; '0,25,50' or '50%' -> those percents."""
     items = [t.strip() for t in text.split(",") if t.strip()]
