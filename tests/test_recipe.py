@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 from ssmdiag.cli import app
 from ssmdiag.data.mqar import FixedMQARData, MQARSegment, generate_mqar
-from ssmdiag.metrics.intervals import compare, mean_interval
+from ssmdiag.jobs.grid_table import grid_summary, grid_table
+from ssmdiag.metrics.intervals import compare_unpaired, mean_interval
 from ssmdiag.polarize.masks import polarized_masks
 from ssmdiag.training.loop import TrainConfig, _lr_lambda, train_model
-from ssmdiag.training.mqar_grid import _training, build_variant, get_preset
+from ssmdiag.training.mqar_grid import CellResult, _training, build_variant, fixed_sets, get_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,12 +119,47 @@ def test_keep_best_returns_the_original_weights_when_training_only_hurts():
         assert torch.equal(v, original[k]), k
 
 
-def test_intervals_and_verdicts():
+def _cell(variant: str, seed: int, average: float, layers: int = 2) -> CellResult:
+    return CellResult(variant, layers, seed, {"4": average}, average, [], 1, "steps", 0.0, 0.0, None, None, "")
+
+
+def test_grid_compares_with_default_paired_by_seed():
+    """Each seed's cells share a training stream and test set, so a per-seed offset (a hard seed, an easy one) is
+    shared by both arms and cancels: paired, +3 points on every seed is detected; unpaired (Welch) it would not be."""
+    offset = [0.2, 0.5, 0.8]  # the seed's difficulty, common to every variant
+    default = {s: offset[s] for s in (0, 1, 2)}
+    both = {s: offset[s] + 0.03 + e for s, e in zip((0, 1, 2), (0.002, -0.002, 0.0))}
+    cells = [_cell("both", s, both[s]) for s in (2, 0, 1)] + [_cell("default", s, default[s]) for s in (1, 2, 0)]
+    preset = get_preset("micro", variants=("default", "both"), layers=(2,), test_pairs=(4,))
+    summary = grid_summary(cells, preset)
+    e = next(e for e in summary if e["variant"] == "both")
+    c = e["vs_default"]
+    assert c["paired"] and c["n"] == 3 and c["verdict"] == "higher" and c["text"] == "higher"
+    assert c["difference"] == pytest.approx(0.03) and c["lo"] > 0.02 and c["hi"] < 0.04
+    assert compare_unpaired(list(both.values()), list(default.values()), "seeds").verdict == "not detected"
+    assert next(x for x in summary if x["variant"] == "default")["vs_default"] is None
+    row = grid_table(summary, preset)["rows"][1]
+    assert row[-1] == "+3.0 [+2.5, +3.5] higher"
+    # matched by seed, not by position: a seed missing from default drops out of the pairs
+    partial = grid_summary([x for x in cells if not (x.variant == "default" and x.seed == 2)], preset)
+    assert next(x for x in partial if x["variant"] == "both")["vs_default"]["n"] == 2
+
+
+def test_grid_verdicts_never_claim_no_difference():
+    preset = get_preset("micro", variants=("default", "both"), layers=(2,), test_pairs=(4,))
+    noisy = [_cell("default", s, a) for s, a in enumerate((0.6, 0.3, 0.5))] + \
+        [_cell("both", s, a) for s, a in enumerate((0.5, 0.45, 0.55))]
+    e = next(x for x in grid_summary(noisy, preset) if x["variant"] == "both")
+    c = e["vs_default"]
+    assert c["verdict"] == "not detected" and c["lo"] < 0 < c["hi"]
+    assert c["text"] == f"not detected (would need > {100 * c['mdd']:.1f} pts)"
+    assert c["mdd"] == pytest.approx((4.303 + 1.061) * c["se"], rel=1e-3)  # (t_.975 + t_.80) with 2 df
+    one = grid_summary([_cell("default", 0, 0.5), _cell("both", 0, 0.6)], preset)
+    assert one[1]["vs_default"]["verdict"] == "no interval" and one[1]["average"]["lo"] is None
+    text = json.dumps(grid_summary(noisy, preset)) + json.dumps(grid_table(grid_summary(noisy, preset), preset))
+    assert "no difference" not in text.lower()
     iv = mean_interval([0.5, 0.6, 0.7])
     assert iv.mean == pytest.approx(0.6) and iv.half == pytest.approx(4.303 * 0.1 / math.sqrt(3), rel=1e-3)
-    assert compare(mean_interval([0.9, 0.91, 0.92]), mean_interval([0.1, 0.12, 0.11])) == "higher"
-    assert compare(mean_interval([0.2, 0.9, 0.5]), mean_interval([0.4, 0.5, 0.6])) == "no difference"
-    assert compare(mean_interval([0.5]), mean_interval([0.4])).startswith("one seed")
 
 
 def test_micro_grid_with_the_paper_recipe_and_two_seeds(tmp_path):
@@ -137,8 +173,21 @@ def test_micro_grid_with_the_paper_recipe_and_two_seeds(tmp_path):
                                                                      ("default", 1)]
     assert all(c["steps"] == 2 * m["steps_per_epoch"] and c["recipe"] == "paper" for c in m["cells"])
     both = next(e for e in m["summary"] if e["variant"] == "both")
-    assert both["average"]["n"] == 2 and both["vs_default"] in ("higher", "lower", "no difference")
-    assert both["by_distance"][0]["acc"]["n"] == 2
+    cell = {(c["variant"], c["seed"]): c for c in m["cells"]}
+    diffs = [cell["both", s]["average"] - cell["default", s]["average"] for s in (0, 1)]
+    assert both["average"]["n"] == 2 and both["vs_default"]["paired"] and both["vs_default"]["n"] == 2
+    assert both["vs_default"]["difference"] == pytest.approx(sum(diffs) / 2)  # the mean of the per-seed differences
+    assert "no difference" not in res.stdout
+    for s in (0, 1):  # one seed's cells share the test set: the same queries per KV count and distance bin
+        for kv, bins in cell["both", s]["by_distance_kv"].items():
+            assert [b["n"] for b in bins] == [b["n"] for b in cell["default", s]["by_distance_kv"][kv]]
+            assert sum(b["n"] for b in bins) == 16 * int(kv)  # micro: 16 test sequences, kv queries each
+            hits = sum(b["n"] * (b["acc"] or 0) for b in bins)
+            assert hits / (16 * int(kv)) == pytest.approx(cell["both", s]["acc"][kv])
+    assert fixed_sets(get_preset("micro"), 0, 16, 2)[2].inputs.equal(fixed_sets(get_preset("micro"), 0, 16, 2)[2].inputs)
+    assert not fixed_sets(get_preset("micro"), 1, 16, 2)[2].inputs.equal(fixed_sets(get_preset("micro"), 0, 16, 2)[2].inputs)
+    assert both["by_distance_kv"]["2"][0]["acc"]["n"] <= 2 and both["distance_slope"]["within_kv"]["paired"]
+    assert m["table_by_distance"]["columns"][:3] == ["cell", "KV", "2–3"]
     assert "1L avg [95%]" in m["table"]["columns"] and len(m["table_per_seed"]["rows"]) == 2
     out = tmp_path / "g" / "polarize"
     (run,) = out.iterdir()
@@ -178,7 +227,9 @@ def test_finetune_with_the_paper_recipe_keeps_polarized_entries(tiny_mamba_dir, 
     tr = json.loads(res.stdout)["metrics"]["train"]
     assert tr["config"]["betas"] == [0.9, 0.999] and tr["config"]["decay_all"] and tr["config"]["grad_clip"] == 0
     assert tr["config"]["lr"] == 3e-4 and tr["result"]["train"]["frozen_intact"] is True
-    assert tr["result"]["worse"] in (True, False) and tr["task"]["filler"] == "zero"
+    before, after = tr["result"]["before"], tr["result"]["after"]
+    assert tr["result"]["worse"] == (sum(after.values()) / len(after) < sum(before.values()) / len(before))
+    assert tr["task"]["filler"] == "zero" and ("WORSE" in res.stdout) == tr["result"]["worse"]
 
 
 def test_decay_on_everything_leaves_untrained_entries_alone():

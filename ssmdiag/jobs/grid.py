@@ -1,6 +1,6 @@
 """The MQAR grid behind `ssmdiag polarize --train` (no model): every (variant, layer count, seed) cell of a preset,
 one after the other or in parallel CPU processes, then the Table 2-shaped table with 95% intervals over seeds and
-recall by distance.
+paired-by-seed comparisons with default, and recall by key–query distance within each test KV count.
 
 The run folder is `<out>/polarize/mqar-grid-<stamp>/` with one `<variant>-<n>L-s<seed>/` folder per cell
 (`cell.json`, the trained `model/`); `--resume RUN_DIR` reloads finished cells and continues an unfinished one.
@@ -19,7 +19,7 @@ from ..loading import quiet_transformers
 from ..parse import parse_layer_counts
 from ..runtime import resolve_device, set_threads
 from ..training.mqar_grid import CellResult, GridPreset, cell_name, get_preset, run_cell
-from .grid_table import grid_summary, grid_table, seed_table
+from .grid_table import distance_table, grid_summary, grid_table, seed_table
 from .polarize import check_resume, open_polarize_run
 
 
@@ -88,7 +88,8 @@ def _jobs(cfg: GridConfig, preset: GridPreset, on_cpu: bool) -> int:
 
 
 def run_grid(cfg: GridConfig, out: Path, resume: Path | None = None) -> tuple[dict, list]:
-    """Train every (layers, variant) cell of the preset, print the Table 2-shaped table, plot recall by distance.
+    """Train every (layers, variant) cell of the preset, print the Table 2-shaped table and recall by distance within
+    each KV count, plot the latter.
 
     Args:
         out: parent of the run folder; resume: the folder of an earlier grid to finish.
@@ -136,18 +137,24 @@ def run_grid(cfg: GridConfig, out: Path, resume: Path | None = None) -> tuple[di
             cells.append(cell)
     summary = grid_summary(cells, preset)
     plot_recall_by_distance(summary, run.add_plot("polarize-recall-by-distance.png"),
-                            f"MQAR recall by key–query distance ({preset.name} preset, {cfg.recipe} recipe, test "
-                            f"length {preset.test_len}, mean and 95% interval over {len(seeds)} seed(s))")
+                            f"MQAR recall by key–query distance within each test KV count\n({preset.name} preset, "
+                            f"{cfg.recipe} recipe, test length {preset.test_len}, mean and 95% interval over "
+                            f"{len(seeds)} seed(s))")
     table, per_seed = grid_table(summary, preset), seed_table(cells, preset, seeds)
+    by_dist = distance_table(summary, preset)
     doc = run.finish({"preset": preset.name, "recipe": cfg.recipe, "filler": cfg.filler, "seeds": list(seeds),
                       "steps_per_epoch": preset.steps_per_epoch() if cfg.recipe == "paper" else None,
-                      "cells": cells, "summary": summary, "table": table, "table_per_seed": per_seed},
+                      "cells": cells, "summary": summary, "table": table, "table_per_seed": per_seed,
+                      "table_by_distance": by_dist},
                      backend=cfg.backend, extra={"run_dir": str(run.path)})
     console.log(f"Run folder: {run.path}")
     title = (f"MQAR accuracy (%) at length {preset.test_len}, {preset.name} preset, {cfg.recipe} recipe: mean "
-             f"[95% interval] over seeds {','.join(map(str, seeds))}")
+             f"[95% interval] over seeds {','.join(map(str, seeds))}; vs default: paired by seed, in points")
     return doc, [console.table(title, table["columns"], table["rows"]),
-                 console.table("average accuracy (%) per seed", per_seed["columns"], per_seed["rows"])]
+                 console.table("average accuracy (%) per seed", per_seed["columns"], per_seed["rows"]),
+                 console.table("recall (%) by key–query distance within each test KV count, mean ± 95% half-width "
+                               "over seeds; slope: points per doubling of the distance, KV count held fixed",
+                               by_dist["columns"], by_dist["rows"])]
 
 
 def _worker_init(threads: int | None) -> None:

@@ -47,32 +47,43 @@ def plot_training(losses: list[tuple[int, float]], history: list[dict], path: Pa
 
 
 def plot_recall_by_distance(summary: list[dict], path: Path, title: str = "") -> Path:
-    """Recall accuracy per key–query distance bin, one line per variant (mean over seeds, shaded 95% interval),
-    one panel per layer count. `summary`: the grid's per (variant, layers) entries (jobs/grid_table.py)."""
+    """Recall per key–query distance bin *within each test KV count*: one panel per (layer count, KV count), one line
+    per variant (mean over seeds, shaded 95% t interval over seeds when there are ≥ 2). Pooling the KV counts would
+    confound distance with difficulty (metrics/recall_distance.py). `summary`: jobs/grid_table.py's entries."""
+    from . import plt
+
     layer_counts = sorted({e["layers"] for e in summary})
-    fig, axes = new_figure(ncols=len(layer_counts), width=4.6, height=3.6)
+    kvs = sorted({k for e in summary for k in e["by_distance_kv"]}, key=int) or ["?"]
+    fig, axes = plt.subplots(len(layer_counts), len(kvs), figsize=(3.6 * len(kvs), 3.0 * len(layer_counts)),
+                             squeeze=False)
     variants = list(dict.fromkeys(e["variant"] for e in summary))
-    for ax, n_layers in zip(axes, layer_counts):
-        for e in summary:
-            if e["layers"] != n_layers:
-                continue
-            pts = [(math.sqrt(b["lo"] * b["hi"]), b["acc"]) for b in e["by_distance"]
-                   if b["n"] and b["acc"]["mean"] == b["acc"]["mean"]]
-            xs = [x for x, _ in pts]
-            c = color(variants.index(e["variant"]))
-            avg = e["average"]
-            label = f"{e['variant']} (avg {avg['mean']:.3f}" + (f" ± {(avg['hi'] - avg['lo']) / 2:.3f})"
-                                                                if avg["n"] > 1 else ")")
-            ax.plot(xs, [b["mean"] for _, b in pts], marker="o", color=c, label=label)
-            if avg["n"] > 1:
-                ax.fill_between(xs, [max(b["lo"], 0) for _, b in pts], [min(b["hi"], 1) for _, b in pts], color=c,
-                                alpha=0.15, lw=0)
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("key–query distance (tokens)")
-        ax.set_ylabel("recall accuracy")
-        ax.set_title(f"{n_layers} layer{'s' if n_layers > 1 else ''}")
-        ax.legend(fontsize=7)
+    for r, n_layers in enumerate(layer_counts):
+        for c, kv in enumerate(kvs):
+            ax = axes[r][c]
+            ax.grid(True, alpha=0.3)
+            for e in summary:
+                if e["layers"] != n_layers or kv not in e["by_distance_kv"]:
+                    continue
+                pts = [(math.sqrt(b["lo"] * b["hi"]), b["acc"]) for b in e["by_distance_kv"][kv]
+                       if b["n"] and b["acc"]["mean"] == b["acc"]["mean"]]
+                xs = [x for x, _ in pts]
+                slope = e["distance_slope"]["per_kv"][kv]
+                label = f"{e['variant']} (slope {100 * slope['difference']:+.1f} pts/doubling)" if slope["n"] else \
+                    e["variant"]
+                col = color(variants.index(e["variant"]))
+                ax.plot(xs, [iv["mean"] for _, iv in pts], marker="o", color=col, label=label)
+                band = [(x, iv) for x, iv in pts if iv["lo"] is not None]
+                if band:
+                    ax.fill_between([x for x, _ in band], [max(iv["lo"], 0) for _, iv in band],
+                                    [min(iv["hi"], 1) for _, iv in band], color=col, alpha=0.15, lw=0)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{n_layers} layer{'s' if n_layers > 1 else ''}, {kv} KV pairs", fontsize=9)
+            if r == len(layer_counts) - 1:
+                ax.set_xlabel("key–query distance (tokens)")
+            if c == 0:
+                ax.set_ylabel("recall accuracy")
+            ax.legend(fontsize=6)
     if title:
         fig.suptitle(title, fontsize=8)
     return save_figure(fig, path)

@@ -181,6 +181,7 @@ class CellResult:
     history: list[dict] = field(default_factory=list)
     recipe: str = "hf"
     filler: str = "zero"
+    by_distance_kv: dict[str, list[dict]] = field(default_factory=dict)  # test KV count -> its distance bins
 
 
 def fixed_sets(preset: GridPreset, seed: int, examples: int, offset: int, filler: str = "zero") -> dict[int, object]:
@@ -236,14 +237,17 @@ def run_cell(preset: GridPreset, variant: str, layers: int, cell_dir: Path, seed
     res = train_model(model, batch, cfg, eval_fn=evaluate, run_dir=cell_dir, resume=True, on_step=on_step,
                       cpu=device == "cpu", frozen=polarized_masks(model))
     t0 = time.perf_counter()
-    acc, dists, hits = {}, [], []
+    acc, per_kv, dists, hits = {}, {}, [], []
+    edges = distance_edges(preset.test_len)
     for k, b in fixed_sets(preset, seed, preset.test_examples, offset=2, filler=filler).items():
         a, d, h = mqar_accuracy(model, b)
         acc[str(k)] = a
+        per_kv[str(k)] = binned_accuracy(d, h, edges)
         dists.append(d), hits.append(h)
-    by_dist = binned_accuracy(torch.cat(dists), torch.cat(hits), distance_edges(preset.test_len))
+    by_dist = binned_accuracy(torch.cat(dists), torch.cat(hits), edges)
     ckpt = cell_dir / "model"
     cell = cell_result(variant, layers, seed, acc, by_dist, res, t0, ckpt, recipe, filler)
+    cell.by_distance_kv = per_kv
     if not is_main_process():
         return cell
     model.save_pretrained(ckpt)
