@@ -16,6 +16,7 @@ difference" is never claimed.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -66,21 +67,39 @@ def t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t > 0 else tail
 
 
+def _t_pdf(t: float, df: float) -> float:
+    """Density of Student's t with `df` degrees of freedom (the normal density for infinite df)."""
+    if math.isinf(df):
+        return math.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+    return math.exp(math.lgamma((df + 1.0) / 2.0) - math.lgamma(df / 2.0) - 0.5 * math.log(df * math.pi)
+                    - (df + 1.0) / 2.0 * math.log1p(t * t / df))
+
+
+@functools.lru_cache(maxsize=4096)
 def t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t with `df` > 0 degrees of freedom (NaN for df ≤ 0 or NaN)."""
+    """The p-quantile of Student's t with `df` > 0 degrees of freedom (NaN for df ≤ 0 or NaN).
+
+    Newton steps on the CDF kept inside a shrinking bracket (a bisection step whenever Newton would leave it):
+    converges in a handful of CDF evaluations; cached, since the same (p, df) recur (integer df of n − 1).
+    """
     if not (df > 0) or not (0.0 < p < 1.0):
         return float("nan")
     if p < 0.5:
         return -t_quantile(1.0 - p, df)
+    if p == 0.5:
+        return 0.0
     lo, hi = 0.0, 1.0
     while t_cdf(hi, df) < p:
-        hi *= 2.0
+        lo, hi = hi, hi * 2.0
+    x = 0.5 * (lo + hi)
     for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+        err = t_cdf(x, df) - p
+        lo, hi = (x, hi) if err < 0 else (lo, x)
+        step = err / _t_pdf(x, df)
+        if abs(step) <= 1e-13 * max(1.0, abs(x)) or hi - lo <= 1e-12 * max(1.0, hi):
+            return x - step if lo <= x - step <= hi else x
+        x = x - step if lo < x - step < hi else 0.5 * (lo + hi)
+    return x
 
 
 def t_critical(df: float, level: float = LEVEL) -> float:
