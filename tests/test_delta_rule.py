@@ -298,3 +298,21 @@ def test_zero_input_decay_has_its_known_value(case):
     stats = delta_layer_decay(layer)
     assert stats.abar_min == stats.abar_median == stats.abar_max == pytest.approx(want)
     assert "zero input" in stats.rule and stats.count == alpha.numel()
+
+
+@pytest.mark.parametrize("case", ["qwen3_next", "qwen3_5", "olmo_hybrid", "kimi_linear"])
+def test_carried_state_equals_transformers_cache_after_prefill(case):
+    """ssmdiag's state (b, h, n, p) and conv tail (the last w − 1 inputs) are what transformers' cache holds."""
+    model, layer = _model_and_layer(case)
+    ids = torch.randint(3, 300, (1, 13), generator=torch.Generator().manual_seed(4))
+    seen = {}
+    hook = layer.register_forward_hook(
+        lambda m, a, kw, o: seen.setdefault("x", kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        hook.remove()
+        _, state = gated_delta_mixer(layer, seen["x"], want_state=True)
+    ssm = cache.get_recurrent_state(layer.layer_idx, state_idx=0)
+    conv = cache.get_conv_state(layer.layer_idx, state_idx=0)
+    assert _rel(state.ssm, ssm) <= 1e-5
+    torch.testing.assert_close(state.conv, conv[..., conv.shape[-1] - state.conv.shape[-1]:])
