@@ -10,6 +10,7 @@ Backends (user-facing names):
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.util
 import os
@@ -23,10 +24,18 @@ BACKENDS = ("auto", "torch", "cuda", "ref")
 
 # Tests (or a user) may force a backend for every call: one of BACKENDS minus "auto", or None.
 FORCE_BACKEND: str | None = os.environ.get("SSMDIAG_SCAN_BACKEND") or None
+# Device types mamba-ssm's kernels run on.  Tests add "cpu" (with stand-ins for mamba-ssm) to run the cuda
+# backend's call sites without a GPU (tests/test_cuda_standin.py); nothing else changes it.
+CUDA_DEVICE_TYPES: tuple[str, ...] = ("cuda",)
 # Force the engine behind backend="torch": "numba" (CPU only) or "chunked" (pure torch), or None.
 FORCE_ENGINE: str | None = os.environ.get("SSMDIAG_SCAN_ENGINE") or None
 
 _logged: set[str] = set()
+
+# What really ran, process-wide: "cuda" | "ref" | "torch:numba" | "torch:chunked" -> scans, and the calls
+# `auto` moved off cuda -> count.  Commands read them per phase (usage_snapshot / usage_since).
+_USED: collections.Counter = collections.Counter()
+_SWITCHED: collections.Counter = collections.Counter()
 
 
 class BackendUnavailable(SsmdiagError):
@@ -88,7 +97,8 @@ def resolve_backend(requested: str, device, need_states=None, *, need_initial_st
     if req not in BACKENDS:
         raise BackendUnavailable(f"unknown scan backend '{req}'", hint=f"use one of {', '.join(BACKENDS)}")
     dev = torch.device(device)
-    cuda_ok = dev.type == "cuda" and mamba_ssm_available()
+    on_gpu = dev.type in CUDA_DEVICE_TYPES
+    cuda_ok = on_gpu and mamba_ssm_available()
     cuda_serves = not _needs_states(need_states) and not (op == "selective" and need_initial_state)
     if req == "cuda":
         if not cuda_ok:
@@ -104,7 +114,11 @@ def resolve_backend(requested: str, device, need_states=None, *, need_initial_st
         return req
     if cuda_ok and cuda_serves:
         return "cuda"
-    if dev.type == "cuda" and not cuda_ok:
+    if cuda_ok:  # auto on a GPU with mamba-ssm, but this call needs states or (Mamba-1) an initial state
+        _SWITCHED["auto: cuda -> torch (states or initial state requested)"] += 1
+        log_once("--backend auto: scans that record states or carry an initial state run on ssmdiag's torch scan "
+                 "(mamba-ssm cannot); result.json's backends_used counts them")
+    if on_gpu and not cuda_ok:
         log_once("mamba-ssm is not importable: SSM scans use ssmdiag's torch backend (chunked)")
     return "torch"
 
@@ -135,3 +149,32 @@ def describe(backend: str, device, op: str = "selective") -> str:
     if op == "ssd":
         return "torch (numba CPU SSD kernel)" if numba else "torch (chunked SSD)"
     return "torch (numba CPU kernel)" if numba else "torch (chunked scan)"
+
+
+# --- what ran -----------------------------------------------------------------------------------------------
+def engine_label(backend: str, device) -> str:
+    """The label one scan is counted under: "cuda" | "ref" | "torch:numba" | "torch:chunked"."""
+    return f"torch:{torch_engine(device)}" if backend == "torch" else backend
+
+
+def count_scan(label: str) -> None:
+    """Count one scan call under `label` (called by every scan entry point once it knows what runs)."""
+    _USED[label] += 1
+
+
+def usage_snapshot() -> tuple[dict, dict]:
+    """The process-wide counters now: ({label: scans}, {switch reason: calls})."""
+    return dict(_USED), dict(_SWITCHED)
+
+
+def usage_since(snapshot: tuple[dict, dict]) -> tuple[dict, dict]:
+    """Scans and auto switches counted since `snapshot` (usage_snapshot's value): what one phase ran."""
+    used, switched = usage_snapshot()
+    diff = lambda now, then: {k: v - then.get(k, 0) for k, v in sorted(now.items()) if v > then.get(k, 0)}  # noqa: E731
+    return diff(used, snapshot[0]), diff(switched, snapshot[1])
+
+
+def reset_usage() -> None:
+    """Zero the counters (tests)."""
+    _USED.clear()
+    _SWITCHED.clear()

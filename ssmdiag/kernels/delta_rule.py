@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import log_once
+from .backend import count_scan, log_once
 from .ref import compute_dtype, normalize_positions, pick_states
 from .ssd import _segsum
 
@@ -182,6 +182,7 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, return_st
     """
     if backend not in BACKENDS:
         raise ValueError(f"gated_delta_rule: backend must be one of {BACKENDS}, not {backend!r}")
+    count_scan("ref" if backend == "ref" else "torch:chunked")
     if backend == "ref":
         return gated_delta_rule_ref(q, k, v, g, beta, scale, initial_state, return_states)
     if backend == "cuda":

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _torch_scan
-from .backend import resolve_backend, torch_engine
+from .backend import count_scan, engine_label, resolve_backend, torch_engine
 from .ref import compute_dtype, normalize_positions, selective_scan_ref
 
 _A_FLOOR = -1e30  # A = -inf (fp16 overflow of -1e10) would make 0 * inf = nan in the backward
@@ -99,6 +99,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     _check_selective(u, delta, A, B, C, D, z, delta_bias, initial_state)
     name = resolve_backend(backend, u.device, return_states, need_initial_state=initial_state is not None)
+    count_scan(engine_label(name, u.device))
     if name == "ref":
         return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_states)
     if name == "cuda":

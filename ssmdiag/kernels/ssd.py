@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._torch_scan import linear_scan
-from .backend import resolve_backend, torch_engine
+from .backend import count_scan, engine_label, resolve_backend, torch_engine
 from .ref import compute_dtype, normalize_positions, ssd_scan_ref, ssd_step_sizes
 
 
@@ -117,6 +117,7 @@ def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt
     """
     _check_ssd(x, dt, A, B, C, D, z, dt_bias, initial_state)
     name = resolve_backend(backend, x.device, return_states, op="ssd")
+    count_scan(engine_label(name, x.device))
     if name == "ref":
         return ssd_scan_ref(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, initial_state, return_states)
     if name == "cuda":
