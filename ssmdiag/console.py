@@ -103,6 +103,9 @@ def emit(doc: Any, tables: Iterable[Table] = (), as_json: bool = False) -> None:
     stdout = out if out.is_terminal else Console(soft_wrap=True, width=PIPED_WIDTH, file=sys.stdout)
     for t in tables:
         stdout.print(t)
+    used = doc.get("backends_used", {}).get("all") if isinstance(doc, dict) else None
+    if used:  # what really ran (result.json's backends_used has it per phase)
+        log("scans ran on: " + ", ".join(f"{label} ×{count}" for label, count in used.items()))
 
 
 TABLE_FORMAT_ENV = "SSMDIAG_TABLE_FORMAT"  # "markdown": tables as GitHub markdown (docs/regenerate.py pastes them)

@@ -109,15 +109,38 @@ class Run:
     started: float = field(default_factory=time.perf_counter)
     resumable: bool = False  # an unfinished run is kept (marked INCOMPLETE) for --resume, not deleted
     created: list[Path] = field(default_factory=list)  # folders start_run made, outermost first
+    backends_used: dict[str, dict[str, int]] = field(default_factory=dict)  # phase -> {scan label: scans}
+    usage_at_start: tuple[dict, dict] = field(default_factory=lambda: _scan_usage())
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time a phase of the run (wall seconds, accumulated under `name`)."""
+        """Time a phase of the run (wall seconds, accumulated under `name`) and count the scans it ran."""
         t0 = time.perf_counter()
+        before = _scan_usage()
         try:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+            self._count_scans(name, before)
+
+    def scans_by_phase(self) -> dict[str, dict[str, int]]:
+        """backends_used of result.json: per phase {scan label: scans}, and "all" for the whole run so far."""
+        kernels = sys.modules.get("ssmdiag.kernels.backend")
+        total = kernels.usage_since(self.usage_at_start)[0] if kernels is not None else {}
+        return {**self.backends_used, **({"all": total} if total else {})}
+
+    def _count_scans(self, name: str, before: tuple[dict, dict]) -> None:
+        """Add the scans a phase ran to backends_used; note each time `--backend auto` moved scans off cuda."""
+        kernels = sys.modules.get("ssmdiag.kernels.backend")
+        if kernels is None:  # no scan module loaded: nothing ran
+            return
+        used, switched = kernels.usage_since(before)
+        if used:
+            mine = self.backends_used.setdefault(name, {})
+            for label, count in used.items():
+                mine[label] = mine.get(label, 0) + count
+        for why, count in switched.items():
+            self.note(f"{name}: {count} scan call(s) switched by {why}; see backends_used")
 
     def add_plot(self, name: str) -> Path:
         """Register a plot file name and return its full path inside the run folder."""
@@ -144,6 +167,7 @@ class Run:
             "config": self.config,
             "models": [model_provenance(m) for m in self.models],
             "backend": backend,
+            "backends_used": self.scans_by_phase(),
             "seed": self.seed,
             "versions": library_versions(),
             "git_hash": git_hash(),
@@ -163,6 +187,12 @@ class Run:
         (self.path / INCOMPLETE).unlink(missing_ok=True)
         _open_runs[:] = [r for r in _open_runs if r is not self]  # nothing left to clean up after it
         return doc
+
+
+def _scan_usage() -> tuple[dict, dict]:
+    """The kernels' scan counters now (empty when no scan module is loaded yet: importing it is not our job)."""
+    kernels = sys.modules.get("ssmdiag.kernels.backend")
+    return kernels.usage_snapshot() if kernels is not None else ({}, {})
 
 
 def fresh_run_path(out: Path, command: str, names: list[str]) -> Path:
