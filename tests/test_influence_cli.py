@@ -8,7 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from influence_models import exact_mamba
 from ssmdiag.cli import app
+from ssmdiag.metrics.influence_fit import SHAPES
+from ssmdiag.metrics.intervals import mean_interval
 from tinymodels import make_model, save_checkpoint
 
 FAST = ["--seq-len", "24", "--samples", "2", "--quiet"]
@@ -40,16 +43,21 @@ def test_single_model_writes_curves_fit_and_plot(tiny_mamba_dir, tmp_path):
     model = doc["metrics"]["models"][0]
     assert model["gradient_dtype"] == "float32" and model["samples"] == 2 and model["tokens"] == 24
     curve = model["summary"]["curve"]
-    assert len(curve["mean_log10"]) == 24 and curve["count"][0] == 4 and curve["count"][23] == 2  # 2 targets
-    assert model["summary"]["fit"]["decay_rate"] is not None and len(model["per_layer"]) == 2
+    assert len(curve["mean_log10"]) == 24 and curve["count"] == [2] * 24  # one curve per sample (2 targets each)
+    fit, power = model["summary"]["fit"], model["summary"]["power_law"]
+    assert len(fit["per_sample"]) == 2 and fit["decay_rate_ci95"] == pytest.approx(mean_interval(fit["per_sample"]).ci95)
+    assert power["exponent_ci95"] == pytest.approx(mean_interval(power["per_sample"]).ci95) and "r2" in power
+    assert model["summary"]["shape"] in SHAPES and model["summary"]["shape_reason"]
+    assert len(model["per_layer"]) == 2 and all(ld["decay_rate_ci95"] is not None for ld in model["per_layer"])
     assert doc["config"]["targets"] == [12, 23] and doc["metrics"]["ratio"] is None
     assert "influence decay" in result.output
     summary = model["summary"]  # fits stay where both targets contribute: distances <= 12
     assert summary["common_distance"] == 12 and summary["fit"]["fit_hi"] <= 12
     assert all(b["fit_hi"] <= 12 for b in summary["bands"]) and {b["band"] for b in summary["bands"]} <= {
         "near", "middle", "far"}
-    assert summary["fit"]["verdict"] in ("decays", "no exponential decay")
-    assert (summary["fit"]["half_life"] is None) == (summary["fit"]["verdict"] != "decays")
+    lo, hi = fit["decay_rate_ci95"]
+    assert fit["verdict"] == ("decays" if lo > 0 else "rises" if hi < 0 else "not detected")
+    assert (fit["half_life"] is None) == (fit["verdict"] != "decays")
     assert any("every target reaches" in n for n in doc["notes"])
     bound = model["bound"]  # an SSM: the slowest channel's rate per layer, and the stack's bound
     assert len(bound["layer_rate"]) == 2 and bound["end_to_end_rate"] == min(bound["layer_rate"]) >= 0
@@ -65,8 +73,35 @@ def test_two_models_share_inputs_and_draw_the_ratio(tiny_mamba_dir, tiny_gpt_neo
     assert "shared by all models" in doc["metrics"]["inputs"]
     ratio = doc["metrics"]["ratio"]
     assert len(ratio["curve"]["mean_log10"]) == 24 and ratio["fit"]["r2"] is not None
-    assert ratio["fit"]["verdict"] and doc["metrics"]["models"][1]["bound"] is None  # no Ā in a transformer
+    assert ratio["paired"] is True and doc["metrics"]["models"][1]["bound"] is None  # no Ā in a transformer
+    mamba, neox = (m["summary"]["fit"]["per_sample"] for m in doc["metrics"]["models"])
+    assert ratio["fit"]["per_sample"] == pytest.approx([a - b for a, b in zip(mamba, neox)])  # paired by sample
     assert json.loads(result.stdout)["command"] == "influence"
+
+
+@pytest.fixture(scope="module")
+def exact_dir(tmp_path_factory):
+    return save_checkpoint(exact_mamba(0.1), tmp_path_factory.mktemp("exact") / "mamba")
+
+
+def test_exact_exponential_is_named_with_its_rate_and_half_life(exact_dir, tmp_path):
+    """Influence ∝ exp(−0.1·d) exactly: shape exponential, the interval holds 0.1, the half-life ln 2 / 0.1."""
+    result = _invoke([str(exact_dir), "--seq-len", "64", "--samples", "3", "--quiet"], tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = _run_dir(tmp_path)[1]["metrics"]["models"][0]["summary"]
+    fit = summary["fit"]
+    assert summary["shape"] == "exponential" and fit["decay_rate_ci95"][0] <= 0.1 <= fit["decay_rate_ci95"][1]
+    assert fit["half_life"] == pytest.approx(6.93, rel=0.05) and "exponential" in result.output
+
+
+def test_one_sample_prints_no_interval_and_says_why(exact_dir, tmp_path):
+    result = _invoke([str(exact_dir), "--seq-len", "32", "--samples", "1", "--quiet"], tmp_path)
+    assert result.exit_code == 0, result.output
+    doc = _run_dir(tmp_path)[1]
+    summary = doc["metrics"]["models"][0]["summary"]
+    assert summary["fit"]["decay_rate_ci95"] is None and summary["power_law"]["exponent_ci95"] is None
+    assert summary["shape"] == "undetermined" and "≥ 2 samples" in summary["shape_reason"]
+    assert any("needs ≥ 2" in n for n in doc["notes"])
 
 
 def test_bf16_model_gets_fp32_gradients(tiny_mamba_dir, tmp_path):

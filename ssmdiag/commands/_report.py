@@ -22,31 +22,41 @@ def _ci(ci: Any, fmt=lambda v: f(v, 3)) -> str:
 
 
 def _influence_row(name: str, s: Any, r: Any = None) -> tuple:
-    """Verdict, rate and interval, half-life (decays only), R², near / far band rates (* = decays there), bound."""
+    """Shape, exponential rate and interval, half-life (shape exponential only), power-law exponent and interval,
+    near / far band rates (* = decays there), the Ā bound, samples, wall time, backend."""
     bands = {b.band: f(b.decay_rate, 3) + ("*" if b.verdict == "decays" else "") for b in s.bands}
     b = r.bound if r is not None else None  # the stack's far rate must reach the slowest channel's (Thm 3.1)
     bound = "—" if b is None else f"≥ {f(b.end_to_end_rate, 3)}" + {None: "", True: " ok", False: " VIOLATED"}[
         b.consistent]
-    return (name, s.fit.verdict, f(s.fit.decay_rate, 3), _ci(s.fit.decay_rate_ci95), f(s.fit.half_life, 3),
-            f(s.fit.r2, 3), bands.get("near", "—"), bands.get("far", "—"), bound, f(s.near10_share, 3),
+    fit, pw = s.fit, s.power_law
+    half = "—" if s.shape != "exponential" or fit.half_life is None else (
+        f"{f(fit.half_life, 3)} ({_ci(fit.half_life_ci95)})")
+    return (name, s.shape, f(fit.decay_rate, 3), _ci(fit.decay_rate_ci95), half,
+            f(pw.exponent, 3) if pw is not None else "—", _ci(pw.exponent_ci95) if pw is not None else "—",
+            bands.get("near", "—"), bands.get("far", "—"), bound, str(s.samples),
             f"{r.seconds:.1f} s" if r is not None else "", r.backend if r is not None else "")
 
 
 def influence_tables(results: list[Any], ratio: Any, path: Path) -> list[Table]:
-    """One row per model (and the ratio of two), then per-layer decay if measured.
+    """One row per model (and the ratio of two), why each shape was chosen, then per-layer decay if measured.
 
     Args: ModelInfluence per model; the InfluenceSummary of log10(I_a / I_b) or None; the run folder (in the title).
     """
-    rows = [_influence_row(r.name, r.summary, r) for r in results]
-    rows += [_influence_row(f"ratio {results[0].name}/{results[1].name}", ratio)] if ratio is not None else []
-    cols = ["model", "verdict", "rate/token", "95% CI", "half-life", "R²", "near", "far", "bound (Ā)", "near-10%",
-            "wall", "backend"]
-    title = (f"influence decay (rates in ln units per token; near / far: first / last third of the fit window, "
-             f"* = decays there; bound: slowest Ā channel, far rate must be ≥) → {path}")
-    return [console.table(title, cols, rows)] + [console.table(
-        f"{r.name}: closed-form decay per layer", ["layer", "verdict", "rate/token", "half-life", "R²"],
-        [(ld.layer, ld.verdict, f(ld.decay_rate), f(ld.half_life, 3), f(ld.r2, 3)) for ld in r.per_layer])
-        for r in results if r.per_layer]
+    named = [(r.name, r.summary, r) for r in results]
+    named += [(f"ratio {results[0].name}/{results[1].name}", ratio, None)] if ratio is not None else []
+    cols = ["model", "shape", "rate/token", "95% CI", "half-life (95% CI)", "exponent", "95% CI", "near", "far",
+            "bound (Ā)", "samples", "wall", "backend"]
+    title = ("influence decay (intervals: Student-t across samples; rate in ln units per token, I ∝ exp(−rate·d); "
+             "exponent: I ∝ d^exponent; near / far: first / last third of the fit window, * = decays there; "
+             f"bound: slowest Ā channel, far rate must be ≥) → {path}")
+    why = console.table("shape: chosen by leave-one-sample-out prediction", ["model", "shape", "why"],
+                        [(n, s.shape, s.shape_reason) for n, s, _ in named])
+    return [console.table(title, cols, [_influence_row(*x) for x in named]), why] + [console.table(
+        f"{r.name}: closed-form decay per layer (Student-t across samples)",
+        ["layer", "shape", "rate/token", "95% CI", "half-life", "exponent", "95% CI"],
+        [(ld.layer, ld.shape, f(ld.decay_rate, 3), _ci(ld.decay_rate_ci95),
+          f(ld.half_life, 3) if ld.shape == "exponential" else "—", f(ld.exponent, 3), _ci(ld.exponent_ci95))
+         for ld in r.per_layer]) for r in results if r.per_layer]
 
 
 def smooth_table(results: list[tuple[str, Any]], metric: str, comparisons: list[Any] | None = None) -> Table:

@@ -25,7 +25,7 @@ Opt = typer.Option
 def main(
     models: ModelsArg, seq_len: SeqLenOpt = 512, samples: SamplesOpt = 4,
     targets: Annotated[str, Opt("--targets", help="last | middle | comma list of positions.")] = "last",
-    estimator: Annotated[Estimator, Opt("--estimator", help="grad: ‖uᵀ∂y_t/∂x_s‖, one fixed random readout u | "
+    estimator: Annotated[Estimator, Opt("--estimator", help="grad: ‖uᵀ∂y_t/∂x_s‖, one random readout u per sample | "
                                         "jacobian: ‖∂y_t/∂x_s‖_F from --probes readouts.")] = Estimator.grad,
     probes: Annotated[int, Opt("--probes", min=1, help="Random projections per target for --estimator jacobian.")] = 4,
     output: Annotated[Output, Opt("--output", help="hidden: the final hidden state before the head | "
@@ -42,7 +42,7 @@ def main(
     device_map: DeviceMapOpt = None, tokenizer: TokenizerOpt = None, trust_remote_code: TrustRemoteCodeOpt = False,
     backend: BackendOpt = Backend.auto, out: OutOpt = DEFAULT_OUT, as_json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
-    """Influence-score decay (paper Thm 3.1, Fig. 1 and 7): per-distance curves, exponential fit, plots."""
+    """Influence-score decay (paper Thm 3.1, Fig. 1 and 7): per-distance curves, the decay's shape, plots."""
     console.set_quiet(quiet)
     check_seq_len(seq_len, [])
     target_list = parse_targets(targets, seq_len)
@@ -68,7 +68,15 @@ def main(
         if upcast:
             console.note(run, f"{m.name}: {upcast}")
         results.append(res), logvals.append(lv)
-    ratio = summarize_ratio(*logvals, cfg.fit_range, cfg.statistic, seed, common) if len(loaded) == 2 else None
+    if samples < 2:
+        console.note(run, "one sample: no intervals and no shape (a Student-t interval across samples needs ≥ 2)")
+    ratio = None
+    if len(loaded) == 2:  # paired sample by sample: both models read the same ids unless their tokenizers differ
+        paired = inputs[0].shape == inputs[1].shape and bool((inputs[0] == inputs[1]).all())
+        if not paired:
+            console.note(run, "ratio: the models read different ids (their tokenizers differ); sample i of one is "
+                              "paired with sample i of the other, the same text window")
+        ratio = summarize_ratio(*logvals, cfg.fit_range, cfg.statistic, seed, common, paired)
     title = f"{estimator.value} influence, {seq_len} tokens, {samples} sample(s), targets {targets}"
     plot_influence(run.add_plot("influence.png"), [(r.name, r.summary, r.bound) for r in results], title)
     if ratio is not None:

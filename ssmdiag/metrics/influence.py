@@ -4,13 +4,16 @@ x_s is the input embedding (the embedding layer's output), y_t the final hidden 
 before the LM head (or the logits with output="logits"). Influence is the Jacobian block J_ts = ∂y_t/∂x_s, measured
 with one backward pass per readout v (vᵀJ_ts for every s at once), norm over the embedding dimension:
 
-- grad: one fixed random Rademacher readout u per run (seeded, the same for every sample and target):
-  ‖uᵀJ_ts‖, one backward pass per target. E‖uᵀJ‖² = ‖J‖²_F, so it estimates the Frobenius norm up to noise.
+- grad: one random Rademacher readout u per sample (seeded from the run's seed and the sample's index, the same
+  for every target of that sample): ‖uᵀJ_ts‖, one backward pass per target. E‖uᵀJ‖² = ‖J‖²_F, so it estimates
+  the Frobenius norm up to noise; as u is drawn afresh per sample, that noise is part of the spread across
+  samples, hence inside every interval.
   (Not the gradient of ‖y_t‖: after a scale-invariant final RMSNorm/LayerNorm ‖y_t‖ hardly depends on the
   input at all — exactly not with uniform norm weights, as at initialisation — so that gradient is 0 up to the
   norm's ε and rounding, 4-8 decades below ‖J‖_F; see docs/influence.md.)
 - jacobian: the Frobenius norm ‖J_ts‖_F estimated with `probes` fresh Rademacher readouts per target
-  (Hutchinson: E‖vᵀJ‖² = ‖J‖²_F), one backward pass per probe and target.
+  (Hutchinson: E‖vᵀJ‖² = ‖J‖²_F), one backward pass per probe and target; the probes of each sample come from
+  that sample's own seeded generator as well.
 
 Dimension letters (docs/architecture.md): b batch, l sequence, e embedding width, o output width (hidden size
 or vocabulary), T targets.
@@ -26,16 +29,22 @@ import numpy as np
 import torch
 
 from ..errors import SsmdiagError
-from .influence_fit import (DecayFit, InfluenceCurve, aggregate_curve, bootstrap_curves, common_distance, fit_bands,
-                            fit_decay, near_share, rows_by_distance)
+from .influence_fit import (DecayFit, InfluenceCurve, PowerLawFit, aggregate_curve, common_distance, fit_bands,
+                            fit_decay, fit_power_law, near_share, rows_by_distance, sample_curves, select_shape)
 from .spectrum import DecayBound, slowest_channel_rates, summarize_bound
 
 @dataclass
 class InfluenceSummary:
-    """The aggregated curve of one model (or one layer, or a ratio) and its decay fit."""
+    """The aggregated curve of one model (or one layer, or a ratio), its fits and the shape of its decay."""
 
     curve: InfluenceCurve
-    fit: DecayFit
+    fit: DecayFit  # the exponential fit of the window
+    shape: str = "undetermined"  # exponential | power_law | none | undetermined (influence_fit.select_shape)
+    shape_reason: str = ""
+    power_law: PowerLawFit | None = None
+    heldout_error: dict[str, float] = field(default_factory=dict)  # leave-one-sample-out error of each shape
+    samples: int = 0
+    paired: bool | None = None  # a ratio: both models read the same inputs, sample by sample
     near10_share: float | None = None  # share of influence on the nearest 10% of sources (linear scale)
     zero_entries: int = 0  # influences that were exactly 0 (floored before log10)
     bands: list[DecayFit] = field(default_factory=list)  # near / middle / far fits of the same window
@@ -48,11 +57,14 @@ class LayerDecay:
 
     layer: int
     decay_rate: float
-    decay_rate_ci95: tuple[float, float] | None
+    decay_rate_ci95: tuple[float, float] | None  # Student-t over samples
     half_life: float | None
     r2: float
     curve_log10: list[float] = field(default_factory=list)
     verdict: str = ""
+    shape: str = "undetermined"
+    exponent: float | None = None  # power law I ∝ d^exponent
+    exponent_ci95: tuple[float, float] | None = None
 
 
 @dataclass
@@ -144,7 +156,8 @@ def influence_rows(forward: Callable[[torch.Tensor], torch.Tensor], embeds: torc
         targets: T target positions.
         estimator: "grad" or "jacobian" (see module docstring).
         probes: Rademacher probes per target for "jacobian".
-        generator: CPU generator for the readouts; "grad" draws its fixed readout from it once per call.
+        generator: CPU generator for the readouts; "grad" draws one readout from it per call (shared by the
+            batch and every target: call once per sample, as compute_influence does).
     Returns:
         (b, T, l) float64; entry [i, j, s] is the influence of x_s on y_{targets[j]} (0 for s > t by causality).
     """
@@ -176,6 +189,11 @@ def _rademacher(shape: tuple[int, ...], generator: torch.Generator | None) -> to
     return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """The readout seed of sample `index` in a run seeded `seed` (independent streams per sample)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
 def compute_influence(adapter, ids: torch.Tensor, targets: list[int], estimator: str = "grad", probes: int = 4,
                       output: str = "hidden", seed: int = 0, label: str = "model", grad_dtype: str = "float32",
                       on_sample: Callable[[], None] | None = None) -> np.ndarray:
@@ -190,12 +208,10 @@ def compute_influence(adapter, ids: torch.Tensor, targets: list[int], estimator:
     forward = make_forward(adapter, output)
     embedding = adapter.embedding()
     device = embedding.weight.device
-    gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(ids.shape[0]):
         embeds = embedding(ids[i: i + 1].to(device))  # (1, l, e)
-        if estimator == "grad":  # the same fixed readout for every sample
-            gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(sample_seed(seed, i))  # readouts drawn per sample
         rows = influence_rows(forward, embeds, targets, estimator, probes, gen)
         if not torch.isfinite(rows).all():
             hint = ("rerun with --grad-dtype float32" if grad_dtype != "float32" else
@@ -208,18 +224,21 @@ def compute_influence(adapter, ids: torch.Tensor, targets: list[int], estimator:
     return np.stack(out)
 
 
-def summarize_logvals(logvals: np.ndarray, fit_range: tuple[int, int], statistic: str = "mean",
-                      seed: int = 0) -> tuple[InfluenceCurve, DecayFit, list[DecayFit]]:
-    """Curve with bootstrap band, the decay fit of the window and of its near / middle / far bands.
+def summarize_curves(curves: np.ndarray, fit_range: tuple[int, int], statistic: str = "mean",
+                     common: int | None = None) -> InfluenceSummary:
+    """Curve with its band across samples, the exponential and power-law fits, the bands, and the shape.
 
     Args:
-        logvals: (rows, distances) log10 influence by distance (rows_by_distance).
-        fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
+        curves: (samples, distances) per-sample log10 curves (influence_fit.sample_curves).
+        fit_range: inclusive distances of the fit. statistic: "mean" | "median". common: stored with the result.
     """
-    boots = bootstrap_curves(logvals, statistic, seed)
-    curve = aggregate_curve(logvals, statistic, seed, boots=boots)
-    values = curve.values()
-    return curve, fit_decay(values, fit_range, boots=boots), fit_bands(values, fit_range, boots=boots)
+    curve = aggregate_curve(curves, statistic)
+    fit = fit_decay(curves, fit_range, statistic=statistic)
+    power = fit_power_law(curves, fit_range, statistic)
+    choice = select_shape(curves, fit_range, fit, power)
+    return InfluenceSummary(curve=curve, fit=fit, shape=choice.shape, shape_reason=choice.reason, power_law=power,
+                            heldout_error=choice.heldout_error, samples=fit.samples,
+                            bands=fit_bands(curves, fit_range, statistic), common_distance=common)
 
 
 def summarize_influence(rows: np.ndarray, targets: list[int], fit_range: tuple[int, int], statistic: str = "mean",
@@ -228,25 +247,31 @@ def summarize_influence(rows: np.ndarray, targets: list[int], fit_range: tuple[i
 
     Args:
         rows: (samples, T, l) influence of each source on each target. targets: the T positions.
-        fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
+        fit_range: inclusive distances of the fit. statistic: "mean" | "median" over a sample's targets and
+            across samples for the drawn curve. seed: unused (every interval is a Student-t interval over samples).
+    Returns: the summary and (samples, T, distances) log10 influence by distance.
     """
     logvals, zeros = rows_by_distance(rows, targets)
-    curve, fit, bands = summarize_logvals(logvals, fit_range, statistic, seed)
-    return InfluenceSummary(curve=curve, fit=fit, near10_share=near_share(rows, targets), zero_entries=zeros,
-                            bands=bands, common_distance=common_distance(targets)), logvals
+    summary = summarize_curves(sample_curves(logvals, statistic), fit_range, statistic, common_distance(targets))
+    summary.near10_share, summary.zero_entries = near_share(rows, targets), zeros
+    return summary, logvals
 
 
 def summarize_ratio(logvals_a: np.ndarray, logvals_b: np.ndarray, fit_range: tuple[int, int],
-                    statistic: str = "mean", seed: int = 0, common: int | None = None) -> InfluenceSummary:
-    """log10(I_a / I_b) per distance, paired row by row (same inputs), with its exponential fit (paper Fig. 7b).
+                    statistic: str = "mean", seed: int = 0, common: int | None = None,
+                    paired: bool = True) -> InfluenceSummary:
+    """log10(I_a / I_b) per distance, paired sample by sample (the same inputs), fitted like one model (Fig. 7b).
 
     Args:
-        logvals_a, logvals_b: (rows, distances) log10 influence of two models on the same inputs.
-        fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
-        common: the largest distance every target reaches (stored with the result).
+        logvals_a, logvals_b: (samples, T, distances) log10 influence of two models on the same inputs.
+        fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: unused.
+        common: the largest distance every target reaches. paired: whether both read the same ids (stored).
     """
-    curve, fit, bands = summarize_logvals(logvals_a - logvals_b, fit_range, statistic, seed)
-    return InfluenceSummary(curve=curve, fit=fit, bands=bands, common_distance=common)
+    if logvals_a.shape != logvals_b.shape:
+        raise ValueError(f"ratio of {logvals_a.shape} and {logvals_b.shape} influence rows")
+    summary = summarize_curves(sample_curves(logvals_a - logvals_b, statistic), fit_range, statistic, common)
+    summary.paired = paired
+    return summary
 
 
 def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: list[int]) -> tuple[list[int], np.ndarray]:
@@ -291,19 +316,20 @@ def _layer_alpha(lr, t: int) -> torch.Tensor:
 
 def summarize_layers(layer_rows: np.ndarray, targets: list[int], fit_range: tuple[int, int],
                      statistic: str = "mean", seed: int = 0, layers: list[int] | None = None) -> list[LayerDecay]:
-    """Decay fit of each layer's closed-form influence curve.
+    """Decay fit and shape of each layer's closed-form influence curve, per sample with t intervals.
 
     Args:
         layer_rows: (layers, samples, T, l) from per_layer_rows. targets: the T target positions.
         layers: the layer index of each row (default 0, 1, …).
-        fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: for the bootstrap.
+        fit_range: inclusive distances of the fit. statistic: "mean" | "median". seed: unused.
     """
     result = []
     for layer, rows in zip(layers if layers is not None else range(len(layer_rows)), layer_rows):
-        summary, _ = summarize_influence(rows, targets, fit_range, statistic, seed)
-        result.append(LayerDecay(layer=layer, decay_rate=summary.fit.decay_rate,
-                                 decay_rate_ci95=summary.fit.decay_rate_ci95, half_life=summary.fit.half_life,
-                                 r2=summary.fit.r2, curve_log10=summary.curve.values(), verdict=summary.fit.verdict))
+        s, _ = summarize_influence(rows, targets, fit_range, statistic, seed)
+        result.append(LayerDecay(layer=layer, decay_rate=s.fit.decay_rate, decay_rate_ci95=s.fit.decay_rate_ci95,
+                                 half_life=s.fit.half_life, r2=s.fit.r2, curve_log10=s.curve.values(),
+                                 verdict=s.fit.verdict, shape=s.shape, exponent=s.power_law.exponent,
+                                 exponent_ci95=s.power_law.exponent_ci95))
     return result
 
 

@@ -1,5 +1,5 @@
-"""Figures for `ssmdiag influence`: log10 influence vs distance (paper Fig. 1 / 7a), the ratio of two models
-(Fig. 7b), and the closed-form decay rate per layer."""
+"""Figures for `ssmdiag influence`: log10 influence vs distance and vs log distance (paper Fig. 1 / 7a), the ratio
+of two models (Fig. 7b), and the closed-form decay rate per layer."""
 
 from __future__ import annotations
 
@@ -17,24 +17,35 @@ def _curve(summary) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(c.distance, dtype=float), np.asarray(values, dtype=float)
 
 
-def _legend(label: str, fit) -> str:
-    """Name, verdict, and the rate / half-life only when they mean something."""
-    if fit.verdict == "decays":
-        return f"{label}: decays, rate {fit.decay_rate:.3g}/token, t½ {fit.half_life:.3g}, R² {fit.r2:.2f}"
-    return f"{label}: no exponential decay (R² {fit.r2:.2f})"
+def _legend(label: str, summary) -> str:
+    """Name, shape, and the parameter of that shape with its interval."""
+    fit, pw, shape = summary.fit, summary.power_law, getattr(summary, "shape", "undetermined")
+    if shape == "exponential":
+        return f"{label}: exponential, rate {fit.decay_rate:.3g}/token, t½ {fit.half_life:.3g}"
+    if shape == "power_law" and pw is not None:
+        return f"{label}: power law, I ∝ d^{pw.exponent:.3g}"
+    return f"{label}: {shape} (rate {fit.decay_rate:.3g}/token)"
 
 
-def _draw(ax, summary, label: str, colour: str) -> None:
-    """One curve, its band (if any), its fitted line over the fit window (dashed) and per band (dotted)."""
+def _draw(ax, summary, label: str, colour: str, loglog: bool = False) -> None:
+    """One curve, its band across samples (if any), the exponential fit (dashed), the power-law fit (dash-dot),
+    and on the linear-distance panel the near / middle / far band fits (dotted). loglog: x is log10 distance."""
     x, y = _curve(summary)
     low = np.asarray(summary.curve.band_low, dtype=float)
     high = np.asarray(summary.curve.band_high, dtype=float)
-    fit = summary.fit
-    ax.plot(x, y, color=colour, lw=1.2, label=_legend(label, fit))
+    keep = x >= 1 if loglog else np.ones_like(x, dtype=bool)
+    xs = np.log10(x[keep]) if loglog else x
+    ax.plot(xs, y[keep], color=colour, lw=1.2, label=_legend(label, summary) if not loglog else label)
     if np.isfinite(low).any():
-        ax.fill_between(x, low, high, color=colour, alpha=0.2, lw=0)
-    xf = np.arange(fit.fit_lo, fit.fit_hi + 1)
-    ax.plot(xf, fit.intercept_log10 + fit.log10_slope * xf, color=colour, ls="--", lw=1.5)
+        ax.fill_between(xs, low[keep], high[keep], color=colour, alpha=0.2, lw=0)
+    fit, pw = summary.fit, summary.power_law
+    xf = np.arange(max(fit.fit_lo, 1 if loglog else 0), fit.fit_hi + 1, dtype=float)
+    xa = np.log10(xf) if loglog else xf
+    ax.plot(xa, fit.intercept_log10 + fit.log10_slope * xf, color=colour, ls="--", lw=1.3)
+    if pw is not None:
+        ax.plot(xa, pw.intercept_log10 + pw.exponent * np.log10(np.maximum(xf, 1)), color=colour, ls="-.", lw=1.3)
+    if loglog:
+        return
     for band in getattr(summary, "bands", []):
         xb = np.array([band.fit_lo, band.fit_hi])
         ax.plot(xb, band.intercept_log10 + band.log10_slope * xb, color="k", ls=":", lw=1.4)
@@ -69,51 +80,58 @@ def _mark_common(ax, summary) -> None:
                 fontsize=7, color="grey")
 
 
+def _panels(named: list[tuple], ylabel: str, title: str, bounds: bool = True):
+    """Two panels: log10 influence against distance (an exponential is a line) and against log10 distance (a
+    power law is a line)."""
+    fig, (ax, axl) = new_figure(ncols=2, width=6.0, height=4.8)
+    for i, (name, summary, *bound) in enumerate(named):
+        _draw(ax, summary, name, color(i))
+        _draw(axl, summary, name, color(i), loglog=True)
+        if bounds and bound and bound[0] is not None:
+            _draw_bound(ax, bound[0], summary, color(i))
+    _mark_common(ax, named[0][1])
+    ax.set_xlabel("distance t − s (tokens)")
+    axl.set_xlabel("log10 distance")
+    for a in (ax, axl):
+        a.set_ylabel(ylabel)
+    ax.set_title(title + "\n(dashed: exponential; dash-dot: power law; dotted: near / middle / far)", fontsize=9)
+    axl.set_title("log–log: a power law is a straight line here", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    axl.legend(fontsize=7, loc="best")
+    return fig, ax
+
+
 def plot_influence(path: Path, named: list[tuple], title: str) -> Path:
-    """log10 influence against distance t − s for every model: shaded bands, dashed exponential fits, dotted
-    near / middle / far fits, and (SSMs) the Ā bound dash-dotted.
+    """log10 influence against distance and against log10 distance for every model: bands across samples,
+    exponential (dashed) and power-law (dash-dot) fits, near / middle / far fits, and (SSMs) the Ā bound.
 
     Args:
         named: (name, InfluenceSummary) or (name, InfluenceSummary, DecayBound or None) per model.
     """
-    fig, (ax,) = new_figure(width=7.5, height=4.8)
-    for i, (name, summary, *bound) in enumerate(named):
-        _draw(ax, summary, name, color(i))
-        if bound and bound[0] is not None:
-            _draw_bound(ax, bound[0], summary, color(i))
-    _mark_common(ax, named[0][1])
-    ax.set_xlabel("distance t − s (tokens)")
-    ax.set_ylabel(f"{named[0][1].curve.statistic} log10 influence")
-    ax.set_title(title + "\n(dashed: one exponential; dotted: near / middle / far bands)", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    fig, _ = _panels(named, f"{named[0][1].curve.statistic} log10 influence", title)
     return save_figure(fig, path)
 
 
 def plot_ratio(path: Path, name_a: str, name_b: str, ratio) -> Path:
-    """log10(I_a / I_b) against distance with its exponential fit (paper Fig. 7b)."""
-    fig, (ax,) = new_figure(width=7.0, height=4.5)
-    _draw(ax, ratio, f"{name_a} / {name_b}", color(2))
+    """log10(I_a / I_b) against distance and log distance, paired by sample, with its fits (paper Fig. 7b)."""
+    fig, ax = _panels([(f"{name_a} / {name_b}", ratio)], f"log10 influence ratio {name_a} / {name_b}",
+                      "influence ratio", bounds=False)
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel("distance t − s (tokens)")
-    ax.set_ylabel(f"log10 influence ratio {name_a} / {name_b}")
-    _mark_common(ax, ratio)
-    ax.set_title("influence ratio (dashed: exponential fit; dotted: near / middle / far bands)", fontsize=9)
-    ax.legend(fontsize=8, loc="best")
     return save_figure(fig, path)
 
 
 def plot_per_layer(path: Path, named: list[tuple[str, list]], bounds: list | None = None) -> Path:
-    """Closed-form (hidden-attention) decay rate per token for each SSM layer, with bootstrap intervals, and
+    """Closed-form (hidden-attention) decay rate per token for each SSM layer, with t intervals across samples, and
     (bounds: one DecayBound or None per model) each layer's slowest channel: −ln max Ā and the rate at mean Δ."""
     fig, (ax,) = new_figure(width=7.0, height=4.0)
     for i, (name, layers) in enumerate(named):
         x = np.array([ld.layer for ld in layers])
         y = np.array([ld.decay_rate for ld in layers])
         ax.plot(x, y, "o-", color=color(i), ms=3, label=name)
-        open_ = [ld.layer for ld in layers if ld.verdict != "decays"]
-        if open_:  # layers whose closed-form curve is not an exponential decay
-            ax.plot(open_, [ld.decay_rate for ld in layers if ld.verdict != "decays"], "o", mfc="white",
-                    color=color(i), ms=5, label=f"{name}: no exponential decay")
+        open_ = [ld for ld in layers if ld.shape != "exponential"]
+        if open_:  # layers whose closed-form curve is not (or not shown to be) an exponential decay
+            ax.plot([ld.layer for ld in open_], [ld.decay_rate for ld in open_], "o", mfc="white",
+                    color=color(i), ms=5, label=f"{name}: shape not exponential")
         cis = [ld.decay_rate_ci95 for ld in layers]
         if all(ci is not None for ci in cis):
             ax.fill_between(x, [c[0] for c in cis], [c[1] for c in cis], color=color(i), alpha=0.2, lw=0)
