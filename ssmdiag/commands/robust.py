@@ -18,8 +18,9 @@ from ..parse import parse_region_lengths, parse_regions
 from ..plots.robust import plot_robust
 from ..results import start_run
 from ._load import load_models
+from ._report_robust import robust_notes, robust_table
 
-Opt, f = typer.Option, console.fmt
+Opt = typer.Option
 
 
 def main(
@@ -64,25 +65,11 @@ def main(
         ids, labels = split_next_tokens(ids) if text else (ids, None)
         with run.phase(f"robust {m.name}"), console.progress(f"robust {m.name}", steps) as advance:
             results.append(measure_robust(m, ids, cfg, labels, on_step=advance))
-    comparison = compare_models(results[0], results[1], seed) if len(results) == 2 else None
+    comparison = compare_models(results[0], results[1]) if len(results) == 2 else None
+    for text_ in dict.fromkeys(robust_notes(results, comparison)):
+        console.note(run, text_)
     plot_robust(run.add_plot("robust.png"), results, f"{corruption.value} corruption, {seq_len} tokens, "
                 f"{samples} sample(s)")
     doc = run.finish({"models": results, "comparison": comparison, "inputs": note},
                      backend=",".join(sorted({r.backend for r in results})))
-    console.emit(doc, [_table(results, comparison, run.path)], as_json=as_json)
-
-
-def _ratio(r, ci) -> str:
-    return f"{f(r, 3)} [{f(ci[0], 3)}, {f(ci[1], 3)}]" if ci else f(r, 3)
-
-
-def _table(results, comparison, path):
-    """One row per model and region length: leading and trailing effect (mean KL), their ratio, time per sample."""
-    rows = [(r.name, le.length, f(le.leading_effect, 3), f(le.trailing_effect, 3), _ratio(le.ratio, le.ratio_ci95),
-             _ratio(le.hidden_ratio, le.hidden_ratio_ci95), f(le.trailing.donor_top1, 3),
-             f"{r.seconds_per_sample:.2f} s") for r in results for le in r.lengths]
-    rows += [(f"{results[0].name} / {results[1].name}", c.length, "", "", _ratio(c.ratio_of_ratios, c.ci95), "", "",
-              "") for c in comparison or []]
-    cols = ["model", "k", "leading KL", "trailing KL", "KL trailing/leading [95% CI]", "hidden-change ratio [95% CI]",
-            "donor top-1", "per sample"]
-    return console.table(f"corruption of the leading vs trailing k tokens (KL at the output) → {path}", cols, rows)
+    console.emit(doc, [robust_table(results, comparison, run.path)], as_json=as_json)

@@ -18,8 +18,12 @@ the embedding matrix added to the region's input embeddings: the paper's form, c
 `splice` (the region is replaced by the same region of the donor sample (i + 1) mod samples: the backdoor form).
 Every draw is seeded by (seed, sample, region), so results do not depend on batching and two models see the same
 corruption. An SSM whose memory decays exponentially (recency) is hurt far more by corrupting the trailing
-[l−k:l) than the leading [0:k); the summary is the ratio trailing / leading of the mean KL with a bootstrap interval
-(samples resampled).
+[l−k:l) than the leading [0:k). The summary is the geometric mean over samples of the per-sample ratio
+trailing_i / leading_i, with the exponentiated Student-t 95% interval of the mean log ratio (intervals.
+log_mean_interval; the unit is the sample); two models on the same samples are compared by the paired difference
+of their per-sample log ratios (a ratio of ratios with its interval and a verdict). The earlier ratio of means with a
+percentile bootstrap over 2–4 samples covered 45–80% of the time (issue 21); this one is checked by simulation in
+tests/test_intervals.py and tests/test_robust.py.
 
 Dimension letters (docs/architecture.md): b batch, l sequence, e embedding width, v vocabulary; R (a count) is the
 number of read-out positions at the end of the sequence.
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import SsmdiagError
+from .robust_ratio import LengthComparison, RatioSummary, compare_models, input_digest, ratio_interval  # noqa: F401
 
 MEASURES = ("kl", "logp_drop", "hidden_change", "loss_change", "donor_top1", "toward_donor")
 
@@ -60,7 +65,6 @@ class RobustConfig:
     sweep: bool = False
     vocab: int | None = None
     batch_size: int = 8
-    bootstrap: int = 1000
     seed: int = 0
 
 
@@ -91,15 +95,13 @@ class RegionEffect:
 
 @dataclass
 class LengthEffect:
-    """Leading vs trailing corruption of k tokens: the effects (mean KL) and their ratio with a 95% interval."""
+    """Leading vs trailing corruption of k tokens: the mean effects (KL) and the per-sample ratio summaries."""
 
     length: int
     leading_effect: float
     trailing_effect: float
-    ratio: float | None
-    ratio_ci95: tuple[float, float] | None
-    hidden_ratio: float | None
-    hidden_ratio_ci95: tuple[float, float] | None
+    kl_ratio: RatioSummary
+    hidden_ratio: RatioSummary
     leading: RegionEffect
     trailing: RegionEffect
 
@@ -118,19 +120,11 @@ class ModelRobust:
     tokens: int
     lengths: list[LengthEffect]
     regions: list[RegionEffect]
+    input_digest: str  # sha1 of the (samples, l) ids: two runs with the same digest measured the same samples
     sweep: list[RegionEffect]
     forwards: int
     seconds: float
     seconds_per_sample: float
-
-
-@dataclass
-class LengthComparison:
-    """ratio(first model) / ratio(second model) for one region length, paired bootstrap over the shared samples."""
-
-    length: int
-    ratio_of_ratios: float | None
-    ci95: tuple[float, float] | None
 
 
 def plan_regions(cfg: RobustConfig) -> list[Region]:
@@ -247,38 +241,6 @@ def corruption_effects(embed: Callable[[torch.Tensor], torch.Tensor],
     return out
 
 
-def ratio_interval(leading: np.ndarray, trailing: np.ndarray, seed: int = 0,
-                   resamples: int = 1000) -> tuple[float | None, tuple[float, float] | None]:
-    """mean(trailing) / mean(leading) and its 95% percentile bootstrap interval (samples resampled, fixed seed).
-
-    Args:
-        leading, trailing: (samples,) effects, paired by sample. Returns (None, None) when both means are 0.
-    """
-    ratio = _ratio(trailing.mean(), leading.mean())
-    if ratio is None or len(leading) < 2:
-        return ratio, None
-    idx = np.random.default_rng(seed).integers(0, len(leading), (resamples, len(leading)))
-    return ratio, _interval(trailing[idx].mean(1), leading[idx].mean(1))
-
-
-def _ratio(num: float, den: float) -> float | None:
-    """num / den; inf for a positive numerator over 0; None for 0 / 0."""
-    if den > 0:
-        return float(num / den)
-    return float("inf") if num > 0 else None
-
-
-def _interval(num: np.ndarray, den: np.ndarray) -> tuple[float, float] | None:
-    """2.5 and 97.5 percentiles of num / den over bootstrap draws (draws with 0 / 0 left out; x / 0 = inf)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = num / den
-    r = r[~np.isnan(r)]
-    if not len(r):
-        return None
-    lo, hi = np.percentile(r, [2.5, 97.5], method="nearest")
-    return float(lo), float(hi)
-
-
 def _effect(region: Region, values: dict[str, np.ndarray], r: int) -> RegionEffect:
     """Means over samples of one region's column (None for measures that are undefined here)."""
     mean = {k: (None if np.isnan(v[:, r]).all() else float(v[:, r].mean())) for k, v in values.items()}
@@ -296,39 +258,13 @@ def summarize_effects(values: dict[str, np.ndarray], regions: list[Region],
     lengths = []
     for j, k in enumerate(cfg.lengths):
         lead, trail = effects[2 * j], effects[2 * j + 1]
-        ratio, ci = ratio_interval(np.array(lead.kl_per_sample), np.array(trail.kl_per_sample), cfg.seed,
-                                   cfg.bootstrap)
-        h_ratio, h_ci = ratio_interval(np.array(lead.hidden_per_sample), np.array(trail.hidden_per_sample),
-                                       cfg.seed, cfg.bootstrap)
-        lengths.append(LengthEffect(length=k, leading_effect=lead.kl, trailing_effect=trail.kl, ratio=ratio,
-                                    ratio_ci95=ci, hidden_ratio=h_ratio, hidden_ratio_ci95=h_ci, leading=lead,
-                                    trailing=trail))
+        kl = ratio_interval(np.array(lead.kl_per_sample), np.array(trail.kl_per_sample))
+        hidden = ratio_interval(np.array(lead.hidden_per_sample), np.array(trail.hidden_per_sample))
+        lengths.append(LengthEffect(length=k, leading_effect=lead.kl, trailing_effect=trail.kl, kl_ratio=kl,
+                                    hidden_ratio=hidden, leading=lead, trailing=trail))
     extra = [e for e, reg in zip(effects, regions) if reg.kind == "region"]
     sweep = [e for e, reg in zip(effects, regions) if reg.kind == "sweep"]
     return lengths, extra, sweep
-
-
-def compare_models(a: ModelRobust, b: ModelRobust, seed: int = 0, resamples: int = 1000) -> list[LengthComparison]:
-    """(trailing/leading of a) / (trailing/leading of b) per length, bootstrap over the samples both models share.
-
-    Args:
-        a, b: results of two models measured on the same samples (same --seed and inputs).
-    """
-    out = []
-    for la, lb in zip(a.lengths, b.lengths):
-        la_lead, la_trail = np.array(la.leading.kl_per_sample), np.array(la.trailing.kl_per_sample)
-        lb_lead, lb_trail = np.array(lb.leading.kl_per_sample), np.array(lb.trailing.kl_per_sample)
-        ra, rb = la.ratio, lb.ratio
-        point = _ratio(ra, rb) if ra is not None and rb is not None and np.isfinite(ra) and np.isfinite(rb) else None
-        ci = None
-        if point is not None and len(la_lead) >= 2:
-            idx = np.random.default_rng(seed).integers(0, len(la_lead), (resamples, len(la_lead)))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                num = la_trail[idx].mean(1) / la_lead[idx].mean(1)
-                den = lb_trail[idx].mean(1) / lb_lead[idx].mean(1)
-            ci = _interval(num, den)
-        out.append(LengthComparison(length=la.length, ratio_of_ratios=point, ci95=ci))
-    return out
 
 
 def make_readout(adapter: Any, positions: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -372,5 +308,6 @@ def measure_robust(loaded: Any, ids: torch.Tensor, cfg: RobustConfig, labels: to
                        backend=loaded.backend if loaded.adapter.is_ssm else "n/a (not an SSM)",
                        dtype=str(loaded.dtype).replace("torch.", ""), samples=int(ids.shape[0]),
                        tokens=int(ids.shape[1]), lengths=lengths, regions=extra, sweep=sweep,
+                       input_digest=input_digest(ids),
                        forwards=int(ids.shape[0]) * (1 + len(regions)), seconds=seconds,
                        seconds_per_sample=seconds / ids.shape[0])

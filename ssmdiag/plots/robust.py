@@ -36,9 +36,10 @@ def plot_robust(path: Path, results: list, title: str) -> Path:
                                                       "-token windows")
         for j, le in enumerate(res.lengths):
             x, y = _points([le.leading, le.trailing])
-            ratio = "∞" if le.ratio == float("inf") else ("—" if le.ratio is None else f"{le.ratio:.3g}")
+            g = le.kl_ratio.gm_ratio
+            ratio = "∞" if g == float("inf") else ("—" if g is None else f"{g:.3g}")
             ax.plot(x, y, ls="none" if res.sweep else "--", marker=markers[j % len(markers)], color=c, lw=0.8, ms=6,
-                    label=f"{res.name}: k={le.length}, trailing/leading {ratio}")
+                    label=f"{res.name}: k={le.length}, trailing/leading {ratio} (geo. mean)")
         if res.regions:
             x, y = _points(res.regions)
             ax.plot(x, y, "x", color=c, ms=8, mew=2, label=f"{res.name}: --regions")
