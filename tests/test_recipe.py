@@ -192,6 +192,18 @@ def test_micro_grid_with_the_paper_recipe_and_two_seeds(tmp_path):
     out = tmp_path / "g" / "polarize"
     (run,) = out.iterdir()
     assert (run / "polarize-recall-by-distance.png").is_file() and (run / "both-1L-s1" / "model").is_dir()
+    # a cell from before the per-KV binning (no by_distance_kv) is said, not silently pooled
+    cell_json = run / "both-1L-s1" / "cell.json"
+    old = json.loads(cell_json.read_text())
+    del old["by_distance_kv"]
+    cell_json.write_text(json.dumps(old))
+    res = CliRunner().invoke(app, ["polarize", "--train", "--preset", "micro", "--recipe", "paper", "--seeds", "0,1",
+                                   "--resume", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert any("both-1L-s1" in n and "left out" in n for n in doc["notes"])
+    both = next(e for e in doc["metrics"]["summary"] if e["variant"] == "both")
+    assert both["by_distance_kv"] == {} and both["distance_slope"]["within_kv"]["n"] == 1
 
 
 @pytest.mark.parametrize("args,message", [

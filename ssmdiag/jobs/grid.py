@@ -136,6 +136,12 @@ def run_grid(cfg: GridConfig, out: Path, resume: Path | None = None) -> tuple[di
             report(cell)
             cells.append(cell)
     summary = grid_summary(cells, preset)
+    old = [cell_name(c.variant, c.layers, c.seed) for c in cells if not c.by_distance_kv]
+    if old:
+        msg = (f"{len(old)} cell(s) were trained before recall was binned per KV count ({', '.join(old)}): their "
+               f"by-distance rows and distance slopes are left out")
+        console.warn(msg)
+        run.note(msg)
     plot_recall_by_distance(summary, run.add_plot("polarize-recall-by-distance.png"),
                             f"MQAR recall by key–query distance within each test KV count\n({preset.name} preset, "
                             f"{cfg.recipe} recipe, test length {preset.test_len}, mean and 95% interval over "
