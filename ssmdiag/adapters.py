@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .conventions import HiddenStatesLayout, cached_layout
+from .errors import SsmdiagError
+
 SSM_FAMILIES = ("mamba", "mamba2", "falcon_mamba")  # pure SSMs: every block is an SSM mixer
 # Mamba-based hybrids -> the kind of their SSM mixers ("mamba1": A (d, n), Δ per channel; "mamba2": A per head)
 HYBRID_FAMILIES = {"bamba": "mamba2", "falcon_h1": "mamba2", "granitemoehybrid": "mamba2", "nemotron_h": "mamba2",
@@ -80,9 +83,21 @@ class Adapter:
 
     @property
     def ssm_config_keys(self) -> dict[str, str | None]:
-        """Config keys of the SSM sizes: state, dt_rank (Mamba-1 kinds) or heads/head_dim/groups, expand, d_inner."""
+        """Config keys of the SSM sizes: state, dt_rank (Mamba-1 kinds) or heads/head_dim/groups, expand, d_inner.
+
+        Each key (but the optional d_inner) is checked on the loaded config, so a release that renames one gives a
+        clear error instead of a wrong patch.
+        """
         self._require_ssm()
-        return SSM_CONFIG_KEYS[self.family]
+        keys = SSM_CONFIG_KEYS[self.family]
+        missing = [k for role, k in keys.items() if k and role != "d_inner" and not hasattr(self.config, k)]
+        if missing:
+            import transformers
+
+            raise SsmdiagError(f"this {self.model_type} config (transformers {transformers.__version__}) has no "
+                               f"{', '.join(missing)}: the release renamed the SSM size keys ssmdiag rewrites",
+                               hint="use a transformers version within the range pyproject.toml pins")
+        return keys
 
     @property
     def ssm_variant(self) -> str:
@@ -99,18 +114,40 @@ class Adapter:
         return self.model.config
 
     @property
+    def hidden_states_layout(self) -> HiddenStatesLayout:
+        """How this model's `output_hidden_states` lines up with its blocks: measured once per model, then cached."""
+        return cached_layout(self.model, self.blocks, self.final_norm, self.embedding)
+
+    @property
     def hidden_states_has_embedding(self) -> bool:
-        """Whether `output_hidden_states` starts with the embedding output (HF Mamba / Mamba-2: no)."""
-        return self.family not in SSM_FAMILIES
+        """Whether `output_hidden_states` starts with block 0's input (the embedding output): probed, not assumed
+        (transformers 5.24's Mamba / Mamba-2 start with block 0's output; 5.25's Mamba-2 with the embedding)."""
+        return self.hidden_states_layout.has_embedding
+
+    def block_streams(self, hidden, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's (input, output) residual stream from one forward's `hidden_states`, aligned by the probe.
+
+        Args:
+            hidden: the forward's hidden_states (entries (b, l, e)); input_ids: (b, l), for block 0's input when the
+                model's hidden_states leave it out (then the embedding output).
+        Block i's output is the entry equal to it, else (the last block of most models) the final norm's output.
+        """
+        layout = self.hidden_states_layout
+        if len(hidden) != len(layout.entries):
+            raise SsmdiagError(f"{self.model_type}: output_hidden_states gave {len(hidden)} entries here but "
+                               f"{len(layout.entries)} when probed", hint="report this with the transformers version")
+        out = []
+        for i in range(layout.num_blocks):
+            a, b = layout.block_input(i), layout.block_output(i)
+            x_in = hidden[a] if a is not None else (out[-1][1] if out else self.embedding()(input_ids))
+            out.append((x_in, hidden[b]))
+        return out
 
     # --- structure -------------------------------------------------------------------------
     def base(self) -> nn.Module:
         """The backbone module (without the LM head)."""
-        if self.family in SSM_FAMILIES:
-            return self.model.backbone
-        if self.family == "gpt_neox":
-            return self.model.gpt_neox
-        return getattr(self.model, self.model.base_model_prefix, self.model)
+        base = getattr(self.model, getattr(self.model, "base_model_prefix", "") or "", None)  # read, not assumed
+        return base if isinstance(base, nn.Module) else self.model
 
     def embedding(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
@@ -264,8 +301,6 @@ class Adapter:
         self._require_ssm()
         mixer = self.ssm_mixer(self.blocks()[layer])
         if mixer is None:
-            from .errors import SsmdiagError
-
             raise SsmdiagError(f"layer {layer} of this {self.family} model is not an SSM layer",
                                hint=f"its SSM layers are {self.ssm_layers()}")
         return mixer
@@ -289,8 +324,6 @@ class Adapter:
 
     def _require_ssm(self) -> None:
         if not self.is_ssm:
-            from .errors import SsmdiagError
-
             raise SsmdiagError(
                 f"this needs an SSM layer, but {self.model_type} models have none that ssmdiag can read",
                 hint=f"use a Mamba-based checkpoint (families: {', '.join(MAMBA_FAMILIES)})",

@@ -15,8 +15,9 @@ mixer-input ratio per layer and the share of layers where it is ≤ 1 say how fa
 Headline (norm-free): the residual stream's norm grows with depth, so the mean pairwise distance of block outputs
 grows with it even when token directions do not move; the headline is therefore the per-layer slope of
 ln(scale-free sharpness) = ln(mean pairwise distance / mean norm) of the block outputs, computed per sample,
-with a Student-t 95% interval across samples (and between two models, Welch's). Scaling every token of a layer
-by c leaves it unchanged.
+with a Student-t 95% interval across samples (metrics/intervals). Two models that read the same samples (equal
+input digests) are compared by the paired difference of their per-sample slopes, otherwise by Welch's interval.
+Scaling every token of a layer by c leaves it unchanged.
 
 Memory: one forward per sample under ssmdiag.kernels.mixer.record; hooks reduce every tensor to numbers as
 soon as it exists, and take each SSM layer's recorded states right after its scan, so only one layer's
@@ -26,15 +27,15 @@ states (l × d_inner × d_state floats) exist at a time.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from ..errors import SsmdiagError
-from .sharpness import (METRICS, Sharpness, average_sharpness, compute_sharpness, depth_slope,  # noqa: F401
-                        mean_interval, norm_free_slopes, t975)
+from .intervals import compare_paired, compare_unpaired
+from .robust_ratio import input_digest
+from .sharpness import METRICS, Sharpness, average_sharpness, compute_sharpness, depth_slope, norm_free_slopes
 from .spectrum import SpectrumResult, summarize_spectrum
 
 STATE_BUDGET = 4 << 30  # bytes of one layer's states for one sequence (mamba-1.4b at 2048 tokens: 0.5 GiB)
@@ -104,40 +105,47 @@ class SmoothingResult:
     norm_free_first: float | None = None  # block-output scale-free sharpness, first and last layer
     norm_free_last: float | None = None
     view: str = "blocks"  # "blocks" (hooks on each block and mixer) | "hidden_states" (model-agnostic view)
+    input_digest: str = ""  # sha1 of the (samples, l) ids: equal digests mean the same samples (paired comparisons)
 
 
 @dataclass
 class SlopeComparison:
-    """Difference of two models' norm-free slopes (first − second), Welch 95% interval across samples."""
+    """Difference of two models' norm-free slopes (first − second) with its 95% interval across samples.
+
+    Args:
+        paired: by sample (both models read the same samples: equal input digests) or Welch otherwise.
+        mdd: the smallest difference the run could detect (80% power, 5% level), None without an interval.
+        verdict: "higher" | "lower" (the interval excludes 0) | "not detected" | "no interval".
+        text: "<model> smooths faster" (the one whose slope is lower) or e.g. "not detected (would need > 0.52%)".
+    """
 
     first: str
     second: str
     difference: float
     ci95: tuple[float, float] | None
-    verdict: str  # "first smooths faster" | "second smooths faster" | "no detectable difference"
+    n: int
+    paired: bool
+    mdd: float | None
+    verdict: str
+    text: str
+    note: str | None = None
 
 
 def compare_slopes(first: tuple[str, SmoothingResult], second: tuple[str, SmoothingResult]) -> SlopeComparison:
-    """first − second norm-free slope with a Welch 95% interval; a verdict only when the interval excludes 0.
+    """first − second norm-free slope: paired by sample when both read the same samples, else Welch.
 
     Args:
         first, second: (model name, SmoothingResult).
     """
     (na, a), (nb, b) = first, second
-    xa = [x for x in a.norm_free_slope_samples if math.isfinite(x)]
-    xb = [x for x in b.norm_free_slope_samples if math.isfinite(x)]
-    diff = a.norm_free_slope - b.norm_free_slope
-    ci = None
-    if len(xa) >= 2 and len(xb) >= 2:
-        va = sum((x - a.norm_free_slope) ** 2 for x in xa) / (len(xa) - 1) / len(xa)
-        vb = sum((x - b.norm_free_slope) ** 2 for x in xb) / (len(xb) - 1) / len(xb)
-        se = math.sqrt(va + vb)
-        df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1)) if se > 0 else len(xa) + len(xb) - 2
-        ci = (diff - t975(df) * se, diff + t975(df) * se)
-    verdict = "no detectable difference"
-    if ci is not None and (ci[0] > 0 or ci[1] < 0):
-        verdict = f"{na} smooths faster" if ci[1] < 0 else f"{nb} smooths faster"  # the lower slope loses more
-    return SlopeComparison(first=na, second=nb, difference=diff, ci95=ci, verdict=verdict)
+    xa, xb = a.norm_free_slope_samples, b.norm_free_slope_samples
+    paired = bool(a.input_digest) and a.input_digest == b.input_digest and len(xa) == len(xb)
+    kw = {"fmt": lambda v: f"{100 * v:.2g}% per layer", "higher": f"{nb} smooths faster",
+          "lower": f"{na} smooths faster"}  # the lower slope loses more sharpness per layer
+    c = compare_paired(xa, xb, **kw) if paired else compare_unpaired(xa, xb, **kw)
+    note = None if paired else "different samples (text cut by different tokenizers): unpaired (Welch) comparison"
+    return SlopeComparison(first=na, second=nb, difference=a.norm_free_slope - b.norm_free_slope, ci95=c.ci95, n=c.n,
+                           paired=paired, mdd=c.mdd, verdict=c.verdict, text=c.text, note=note)
 
 
 def _hidden(args, kwargs) -> torch.Tensor | None:
@@ -222,8 +230,9 @@ def _state_parts(states: torch.Tensor, kind: str | None) -> torch.Tensor:
 def _hidden_state_values(model, adapter, ids: torch.Tensor, pairs: int | None, seed: int, advance=None) -> dict:
     """The model-agnostic view: block inputs / outputs from `output_hidden_states` (families without an adapter).
 
-    Entry i of hidden_states is block i's input and entry i + 1 its output (most transformers models apply the
-    final norm to the last entry).
+    Which entry is which block's input / output is probed on the model (adapters.Adapter.block_streams): most
+    transformers models start with the embedding output and put the final norm's output last, some (5.24's Mamba)
+    start with block 0's output.
     """
     try:
         out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
@@ -235,9 +244,9 @@ def _hidden_state_values(model, adapter, ids: torch.Tensor, pairs: int | None, s
                            "this family is not supported yet",
                            hint="smooth needs output_hidden_states or a Mamba-based family")
     values = {}
-    for i in range(len(hidden) - 1):
-        values[(i, "block_input")] = values.get((i - 1, "block_output")) or compute_sharpness(hidden[i][0], pairs, seed)
-        values[(i, "block_output")] = compute_sharpness(hidden[i + 1][0], pairs, seed)
+    for i, (x_in, x_out) in enumerate(adapter.block_streams(hidden, ids)):
+        values[(i, "block_input")] = values.get((i - 1, "block_output")) or compute_sharpness(x_in[0], pairs, seed)
+        values[(i, "block_output")] = compute_sharpness(x_out[0], pairs, seed)
         if advance:
             advance(1)
     return values
@@ -336,6 +345,7 @@ def measure_smoothing(model, adapter, input_ids: torch.Tensor, *, metric: str = 
         spec = summarize_spectrum([abar_lo[i] for i in ids], [abar_hi[i] for i in ids], ids)
     res = _summarize(layers, adapter.family, adapter.is_ssm, metric, input_ids.shape, spec)
     res.view = "hidden_states" if agnostic else "blocks"
+    res.input_digest = input_digest(input_ids)
     per_layer = [[v[(i, "block_output")].get(HEADLINE) for v in per_sample] for i in range(len(layers))]
     res.norm_free_slope, res.norm_free_slope_ci95, res.norm_free_slope_samples = norm_free_slopes(per_layer)
     res.norm_free_first, res.norm_free_last = (layers[0].block_output.get(HEADLINE),
