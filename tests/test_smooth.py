@@ -201,7 +201,11 @@ def test_every_ssm_family_gets_states_and_spectrum(family, dtype):
     for la in res.layers:
         assert la.states.mean > 0 and math.isfinite(la.ratio["mean"]) and la.states.pairs == 120
         assert len(la.states.parts_mean) == (adapter.n_heads if family == "mamba2" else 0)
-    assert 0 <= res.ratio_le1_layers <= 1 and res.state_tokens == 16
+    # the shares are the layers' (and every layer-sample's) own ratios counted, not any number in [0, 1]
+    assert res.ratio_le1_layers == sum(la.ratio["mean"] <= 1 for la in res.layers) / len(res.layers)
+    per = [r for la in res.layers for r in la.ratio_samples]
+    assert len(per) == 2 * len(res.layers) and res.ratio_le1_samples == sum(r <= 1 for r in per) / len(per)
+    assert res.state_tokens == 16
 
 
 def test_transformer_has_no_states_and_no_spectrum():
@@ -235,10 +239,19 @@ def test_cli_one_ssm_model(tiny_mamba_dir, tmp_path):
     assert len(m["layers"]) == 2 and m["samples"] == 2 and m["exact"] and m["pairs"] == 32 * 31 // 2
     assert doc["config"]["pair_mode"] == "exact"
     assert (path.parent / "sharpness.png").is_file()
-    assert m["headline_metric"] == "scale_free" and len(m["norm_free_slope_samples"]) == 2
-    assert m["norm_free_slope"] == pytest.approx(sum(m["norm_free_slope_samples"]) / 2)
+    assert m["headline_metric"] == "scale_free" and doc["metrics"]["comparisons"] == []
+    # the unit is the sample: each per-sample slope is that sequence measured alone
+    from ssmdiag.data.inputs import token_inputs
+    from ssmdiag.loading import load_model
+
+    loaded = load_model(str(tiny_mamba_dir), device="cpu", dtype="float32")
+    (ids,), _ = token_inputs([loaded.adapter.vocab_size], None, None, 32, 2, 0)
+    alone = [measure_smoothing(loaded.model, loaded.adapter, ids[s:s + 1], states=False, spectrum=False)
+             for s in range(2)]
+    assert m["norm_free_slope_samples"] == pytest.approx([a.norm_free_slope for a in alone], rel=1e-4, abs=1e-7)
+    s1, s2 = m["norm_free_slope_samples"]  # Student-t with 1 df: mean ± 12.706·|s1 − s2| / 2
     lo, hi = m["norm_free_slope_ci95"]
-    assert lo <= m["norm_free_slope"] <= hi and doc["metrics"]["comparisons"] == []
+    assert (hi - lo) / 2 == pytest.approx(12.7062 * abs(s1 - s2) / 2, rel=1e-4)
     assert "norm-free slope" in r.stdout
     if m["states_note"] is None:
         assert m["layers"][0]["states"]["mean"] > 0 and m["ratio_mean"] is not None
@@ -265,7 +278,8 @@ def test_cli_two_models_of_different_depth(tiny_mamba_dir, neox3_dir, tmp_path):
     assert (path.parent / "sharpness.png").is_file()
     (cmp,) = doc["metrics"]["comparisons"]  # one sample each: a difference, no interval, no verdict
     assert cmp["difference"] == pytest.approx(a["norm_free_slope"] - b["norm_free_slope"])
-    assert cmp["ci95"] is None and cmp["verdict"] == "no detectable difference"
+    assert cmp["ci95"] is None and cmp["verdict"] == "no interval" and cmp["mdd"] is None
+    assert cmp["paired"] and a["input_digest"] == b["input_digest"]  # the same shared random ids
 
 
 def test_cli_text_input(tiny_mamba_dir, tmp_path):

@@ -66,13 +66,14 @@ def smooth_table(results: list[tuple[str, Any]], metric: str, comparisons: list[
              f"{f(r.norm_free_first, 3)} → {f(r.norm_free_last, 3)}", f(r.block_output_slope, 3), f(r.ratio_mean, 3),
              f(r.ratio_le1_layers, 3), *((f(r.spectrum.near_zero, 3), f(r.spectrum.near_one, 3),
                                           f(r.spectrum.both, 3)) if r.spectrum else ("—",) * 3)) for n, r in results]
-    rows += [(f"{c.first} − {c.second}", "", _pct(c.difference), _ci(c.ci95, _pct), c.verdict, *[""] * 6)
-             for c in comparisons or []]
+    rows += [(f"{c.first} − {c.second}" + ("" if c.paired else " (unpaired)"), "", _pct(c.difference),
+              _ci(c.ci95, _pct), c.text, *[""] * 6) for c in comparisons or []]
     cols = ["model", "layers", "norm-free slope", "95% CI", "scale-free first → last", f"{metric} slope", "ratio",
             "ratio≤1", "Ā<.01", "Ā>.99", "both"]
     title = ("over-smoothing headline: change per layer of the block outputs' scale-free sharpness (mean distance / "
-             f"mean norm; < 0 = smoothing), 95% interval across samples; then the {metric} sharpness slope of ln per "
-             "layer (mean, max: includes norm growth), state/mixer-input ratio, share ≤ 1, Ā channel shares")
+             "mean norm; < 0 = smoothing), Student-t 95% interval across samples (two models: paired by sample); "
+             f"then the {metric} sharpness slope of ln per layer (mean, max: includes norm growth), state/mixer-input "
+             "ratio, share ≤ 1, Ā channel shares")
     return console.table(title, cols, rows)
 
 

@@ -56,6 +56,8 @@ def main(
                                     spectrum=spectrum is not False, advance=advance)
         notes += smooth_notes(m, res, spectrum)
         results.append((m.name, res))
+    comparisons = [compare_slopes(results[0], other) for other in results[1:]]
+    notes += [f"{c.first} − {c.second}: {c.note}" for c in comparisons if c.note]
     for text_ in dict.fromkeys(notes):
         console.note(run, text_)
     for m in loaded:  # recording states needs our scan: report what ran rather than transformers' path
@@ -64,7 +66,6 @@ def main(
         plot_sharpness(results, run.add_plot("sharpness.png"))
         if any(r.spectrum for _, r in results):
             plot_spectrum(results, run.add_plot("abar_spectrum.png"))
-    comparisons = [compare_slopes(results[0], other) for other in results[1:]]
     doc = run.finish({"models": [{"name": n, **vars(r)} for n, r in results], "comparisons": comparisons},
                      backend=",".join(sorted({m.backend for m in loaded})))
     console.log(f"wrote {run.path}")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .intervals import mean_interval
+
 CHUNK_BYTES = 64 << 20  # float64 budget of one chunk of squared distances
 METRICS = ("mean", "max", "scale_free")
 
@@ -224,40 +226,14 @@ def depth_slope(values: list[float], log: bool = True) -> float:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
 
 
-# Student-t 0.975 quantiles for 1..30 degrees of freedom (beyond: the normal 1.96 plus a small correction)
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t975(df: float) -> float:
-    """The Student-t 0.975 quantile for `df` degrees of freedom (rounded down to an integer; df ≥ 1)."""
-    k = max(1, int(math.floor(df)))
-    return T975[k - 1] if k <= len(T975) else 1.96 + 2.4 / k
-
-
-def mean_interval(values: list[float]) -> tuple[float, tuple[float, float] | None]:
-    """Mean and Student-t 95% interval of the mean (None with fewer than 2 finite values).
-
-    Args:
-        values: one number per sample.
-    """
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return float("nan"), None
-    m = sum(v) / len(v)
-    if len(v) < 2:
-        return m, None
-    half = t975(len(v) - 1) * math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v))
-    return m, (m - half, m + half)
-
-
 def norm_free_slopes(per_layer_samples: list[list[float]]) -> tuple[float, tuple[float, float] | None, list[float]]:
-    """Per-sample slope of ln(scale-free sharpness) per layer, their mean and Student-t 95% interval.
+    """Per-sample slope of ln(scale-free sharpness) per layer, their mean and Student-t 95% interval over samples
+    (intervals.mean_interval: the unit is the sample, one sequence; coverage checked in tests/test_intervals.py).
 
     Args:
         per_layer_samples: [layer][sample] block-output scale-free sharpness.
     """
     n = len(per_layer_samples[0]) if per_layer_samples else 0
     slopes = [depth_slope([layer[s] for layer in per_layer_samples]) for s in range(n)]
-    mean, ci = mean_interval(slopes)
-    return mean, ci, slopes
+    iv = mean_interval(slopes, "samples")
+    return iv.mean, iv.ci95, slopes
