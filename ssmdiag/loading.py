@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hub, original_format
-from .adapters import SUPPORTED_FAMILIES, Adapter, family_of, get_adapter
+from . import hub, model_types, original_format
+from .adapters import Adapter, family_of, get_adapter
 from .errors import SsmdiagError
 from .presets import Preset, all_presets, build_config, find_preset
 from .runtime import resolve_device
@@ -139,26 +139,9 @@ def _check_local_dir(path: Path) -> str:
                        "nor an original state-spaces config (no d_model/n_layer)")
 
 
-def _config_model_type(path: Path) -> str | None:
-    """The model_type written in path/config.json, if it can be read."""
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _check_family(config: Any, spec: str) -> str:
-    family = family_of(config)
-    model_type = getattr(config, "model_type", "?")
-    if family == "other":
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            raise SsmdiagError(
-                f"unsupported architecture '{model_type}' in {spec}",
-                hint=f"supported: {', '.join(SUPPORTED_FAMILIES)} and any transformers causal LM "
-                     "(for metrics that need no SSM internals)")
-    return family
+    model_types.check_causal_lm(str(getattr(config, "model_type", "?")), config.to_dict(), spec)
+    return family_of(config)
 
 
 def _is_local(source: str | Path | None) -> bool:
@@ -197,19 +180,15 @@ def _from_pretrained_dir(path: Path, dtype: str, device_map: str | None, trust_r
     """Load an HF-format checkpoint directory (safetensors first, sharded included)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    raw = json.loads((path / "config.json").read_text())  # judged before transformers reads it (model_types.py)
+    model_types.check_known_type(raw.get("model_type"), raw, str(path), trust_remote_code)
+    model_types.check_causal_lm(str(raw.get("model_type")), raw, str(path))
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise SsmdiagError(f"'{path}' needs its own Python code to load",
                                hint="review that code, then pass --trust-remote-code") from None
-        model_type = _config_model_type(path)
-        if model_type is not None and "model_type" in str(exc):
-            import transformers
-
-            raise SsmdiagError(f"'{path}' has model_type '{model_type}', which transformers {transformers.__version__} "
-                               "does not know", hint=f"ssmdiag supports {', '.join(SUPPORTED_FAMILIES)} and any "
-                               "transformers causal LM; upgrade transformers if the type is newer") from None
         raise SsmdiagError(f"cannot read the config in '{path}': {str(exc).splitlines()[0]}") from None
     family = _check_family(config, str(path))
     torch_dtype = resolve_dtype(dtype, config)

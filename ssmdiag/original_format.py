@@ -94,7 +94,12 @@ def load(path: Path, dtype: torch.dtype):
     config = to_hf_config(cfg)
     sd = {_RENAMES.get(k, k): v for k, v in _read_state_dict(path).items()}
     rows = sd.get("backbone.embeddings.weight")
-    if rows is not None and rows.shape[0] != config.vocab_size:  # the weights' rows are the truth (padding varies)
+    if rows is not None and rows.shape[0] < int(cfg["vocab_size"]):  # ids the tokenizer emits would have no row
+        raise SsmdiagError(f"the embedding in '{path}' has {rows.shape[0]} rows but its config.json says vocab_size "
+                           f"{cfg['vocab_size']}: token ids {rows.shape[0]}-{int(cfg['vocab_size']) - 1} would have no "
+                           "embedding", hint="check that config.json belongs to these weights (a truncated "
+                           "embedding or another model's config)")
+    if rows is not None and rows.shape[0] != config.vocab_size:  # more rows than the vocab: padding varies, rows win
         config.vocab_size = int(rows.shape[0])
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if config.tie_word_embeddings:

@@ -108,6 +108,73 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(SsmdiagError) as err:
         load_model(str(tmp_path))
     assert "unsupported architecture 't5'" in err.value.message and "mamba2" in err.value.hint
+    assert "causal language models" in err.value.message and "encoder-decoder" in err.value.message
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from ssmdiag.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def _assert_one_error_line(result, *needles):
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    hints = [line for line in result.output.splitlines() if line.startswith("Hint:")]
+    assert len(errors) == 1 and len(hints) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0] + hints[0], result.output
+
+
+def test_bert_checkpoint_refused_by_model_type(tmp_path):
+    """A saved BERT (masked LM) and the issue's minimal bert config (hidden 32, 12 heads: unbuildable) are both
+    refused by name before any weights load; the same family saved as a decoder is a causal LM and loads."""
+    from transformers import BertConfig, BertForMaskedLM, BertLMHeadModel
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=100)
+    BertForMaskedLM(BertConfig(**small)).save_pretrained(tmp_path / "bert")
+    minimal = tmp_path / "minimal"
+    minimal.mkdir()
+    (minimal / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    (minimal / "model.safetensors").write_bytes(b"x")
+    for path in (tmp_path / "bert", minimal):
+        with pytest.raises(SsmdiagError) as err:
+            load_model(str(path))
+        assert "'bert'" in err.value.message and "causal language models" in err.value.message
+        _assert_one_error_line(_cli("info", path, "--out", tmp_path / "runs"), "'bert'", "causal language models")
+    BertLMHeadModel(BertConfig(**small, is_decoder=True)).save_pretrained(tmp_path / "decoder")
+    assert load_model(str(tmp_path / "decoder")).family == "other"
+
+
+def test_unknown_model_type_gets_a_hint(tmp_path):
+    cfg = {"model_type": "mamba_from_the_future", "hidden_size": 32}
+    for name, extra in (("newer", {}), ("custom", {"auto_map": {"AutoConfig": "configuration_x.XConfig",
+                                                                 "AutoModelForCausalLM": "modeling_x.XForCausalLM"}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **extra}))
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    result = _cli("info", tmp_path / "newer", "--out", tmp_path / "runs")
+    _assert_one_error_line(result, "'mamba_from_the_future'", "does not know", "upgrade transformers",
+                           "--trust-remote-code")
+    result = _cli("info", tmp_path / "custom", "--out", tmp_path / "runs")
+    _assert_one_error_line(result, "own Python code", "--trust-remote-code")
+
+
+def test_original_format_embedding_smaller_than_vocab_refused(tmp_path):
+    """The issue's case: 250 embedding rows, config vocab 257 (ids 250-256 would have no row)."""
+    model = make_model("mamba", seed=6, vocab_size=250)
+    original_format.save(model, tmp_path / "orig")
+    cfg = json.loads((tmp_path / "orig" / "config.json").read_text())
+    cfg.update(vocab_size=257, pad_vocab_size_multiple=8)
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SsmdiagError, match="250 rows but its config.json says vocab_size 257"):
+        load_model(str(tmp_path / "orig"))
+    _assert_one_error_line(_cli("info", tmp_path / "orig", "--out", tmp_path / "runs"), "250 rows", "config.json")
+    cfg.update(vocab_size=245)  # more rows than the vocab (padding): the rows win, as before
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(cfg))
+    assert load_model(str(tmp_path / "orig"), backend="hf").adapter.vocab_size == 250
 
 
 def test_other_causal_lm_loads_as_other(tmp_path):
