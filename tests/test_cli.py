@@ -71,6 +71,16 @@ def test_presets_lists_all():
     assert {"mamba-130m", "mamba2-2.7b", "mamba-codestral-7b", "pythia-1.4b"} <= names
 
 
+def test_presets_table_fits_a_terminal():
+    """The default table fits 120 columns (sources, up to ~500 characters each, are in --json and --verbose)."""
+    result = invoke("presets")  # piped: the table is as wide as its content
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 120, result.stdout
+    assert "granite-4.0-h-tiny" in result.stdout and "reconstructed" not in result.stdout  # no source text
+    verbose = invoke("presets", "--verbose")
+    assert verbose.exit_code == 0 and "source" in verbose.stdout and "reconstructed" in verbose.stdout
+
+
 def test_info_errors(tmp_path):
     assert_clean_error(invoke("info", tmp_path / "nope", "--out", tmp_path), "does not exist")
     assert_clean_error(invoke("info", tmp_path, "--out", tmp_path), "no config.json")
