@@ -3,7 +3,7 @@
     python bench/needle_cell.py                          # mamba-130m and mamba2-130m, 2k tokens, 1 depth
     python bench/needle_cell.py --length 4k --models mamba2-130m --reps 2
 
-Each (repetition, model) runs `ssmdiag needle MODEL --init random --lengths L --depths 1 --samples 1` in its
+Each (repetition, model) runs `ssmdiag needle MODEL --init random --lengths L --depths 50 --samples 1` in its
 own process, interleaved, with a byte-level BPE tokenizer trained offline (tests/tinymodels.py; vocab 384,
 so the haystack costs more tokens per word than GPT-NeoX's, but a cell is L tokens either way) so the bench
 needs no hub access.  From the run folder: setup (load, grid, state-carry check) and cells (result.json
@@ -35,7 +35,7 @@ def tokenizer_dir() -> str:
 
 def run_cell(model: str, length: str, tok: str, extra: list[str]) -> dict:
     out = tempfile.mkdtemp(prefix="bench-needle-")
-    cmd = ["ssmdiag", "needle", model, "--init", "random", "--tokenizer", tok, "--lengths", length, "--depths", "1",
+    cmd = ["ssmdiag", "needle", model, "--init", "random", "--tokenizer", tok, "--lengths", length, "--depths", "50",
            "--samples", "1", "--out", out, "--quiet", *extra]
     load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))

@@ -92,27 +92,36 @@ def parse_train_len(text: str | None) -> int | None:
 
 
 def parse_depths(text: str) -> list[float]:
-    """'11' -> 11 depths evenly spaced over 0-100; '0,25,50' or '50%' -> those percents."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if len(items) == 1 and not items[0].endswith("%") and "," not in text:
+    """Needle depths in percent of the haystack: '50' or '50%' -> [50.0]; '0,25,50' -> those percents;
+    '11x' -> a count: 11 depths evenly spaced over 0-100 (0, 10, …, 100; '1x' -> [50.0]).
+
+    A bare number is always a percent, never a count, so `--depths 50` is one cell at 50%, not fifty depths.
+    """
+    items = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    if len(items) == 1 and items[0].endswith("x"):
         try:
-            n = int(items[0])
+            n = int(items[0][:-1])
         except ValueError:
-            raise SsmdiagError(f"--depths: '{items[0]}' is neither a count nor a list of percents") from None
+            raise SsmdiagError(f"--depths: '{items[0]}' is not a count of depths",
+                               hint="write a count as Nx (--depths 11x) or give percents (--depths 0,50,100)") from None
         if n < 1:
-            raise SsmdiagError(f"--depths {n}: need at least 1 depth")
+            raise SsmdiagError(f"--depths {items[0]}: need at least 1 depth", hint="e.g. --depths 11x")
         return [50.0] if n == 1 else [round(100.0 * i / (n - 1), 4) for i in range(n)]
     out = []
     for item in items:
         try:
             d = float(item.rstrip("%"))
         except ValueError:
-            raise SsmdiagError(f"--depths: '{item}' is not a percent") from None
+            raise SsmdiagError(f"--depths: '{item}' is not a percent",
+                               hint="give percents (--depths 50 or 0,25,50) or a count of evenly spaced depths "
+                                    "(--depths 11x)") from None
         if not 0.0 <= d <= 100.0:
-            raise SsmdiagError(f"--depths: {item} is outside 0-100", hint="depths are percents of the haystack")
+            count = f"; for {item} evenly spaced depths write {item}x" if item.isdigit() else ""
+            raise SsmdiagError(f"--depths: {item} is outside 0-100",
+                               hint=f"depths are percents of the haystack{count}")
         out.append(d)
     if not out:
-        raise SsmdiagError("--depths is empty", hint="e.g. --depths 11 or --depths 0,50,100")
+        raise SsmdiagError("--depths is empty", hint="e.g. --depths 11x (a count) or --depths 0,50,100 (percents)")
     return sorted(set(out))
 
 

@@ -19,7 +19,7 @@ from ssmdiag.cli import app
 from ssmdiag.jobs import needle as needle_job
 from ssmdiag.plots import needle as needle_plots
 
-GRID = ["--lengths", "200,320", "--depths", "3", "--max-new-tokens", "3", "--prefill-chunk", "64"]
+GRID = ["--lengths", "200,320", "--depths", "3x", "--max-new-tokens", "3", "--prefill-chunk", "64"]
 SAME = ("key", "length", "depth", "accuracy", "depth_actual")
 SAME_SAMPLE = ("needle_id", "prompt_sha256", "context_tokens", "needle_token", "depth_actual", "generation", "match",
                "real_match", "rank_answer", "rank_real")
@@ -99,6 +99,13 @@ def test_end_to_end_mamba(tiny_mamba_dir, tmp_path):
     assert table.exit_code == 0 and "needle accuracy by length and depth" in table.stdout
 
 
+def test_bare_depth_is_one_percent_not_a_count(tiny_mamba_dir, tmp_path):
+    """`--depths 50` is one cell at 50% (it used to run fifty depths); the count needs its x."""
+    doc = run_ok(tiny_mamba_dir, "--lengths", "200", "--depths", "50", "--max-new-tokens", "2", "--prefill-chunk",
+                 "64", "--out", tmp_path)
+    assert [c["depth"] for c in doc["metrics"]["cells"]] == [50.0] and doc["config"]["depths"] == [50.0]
+
+
 def test_end_to_end_gpt_neox_magic_without_reuse(tiny_gpt_neox_dir, tmp_path):
     doc = run_ok(tiny_gpt_neox_dir, *GRID, "--needles", "magic", "--no-reuse", "--out", tmp_path)
     metrics = doc["metrics"]
@@ -116,7 +123,7 @@ def assert_clean_error(result, text: str) -> None:
 
 def test_errors_are_one_line(tiny_mamba_dir, tiny_gpt_neox_dir, tiny_original_mamba_dir, tmp_path):
     out = ["--out", tmp_path]
-    assert_clean_error(invoke(tiny_mamba_dir, "--lengths", "60", "--depths", "3", *out), "shorter than needle")
+    assert_clean_error(invoke(tiny_mamba_dir, "--lengths", "60", "--depths", "3x", *out), "shorter than needle")
     assert_clean_error(invoke(tiny_gpt_neox_dir, "--lengths", "4k", *out), "exceeds the model's maximum of 2048")
     assert_clean_error(invoke(tiny_mamba_dir, "--depths", "0,120", *out), "outside 0-100")
     assert_clean_error(invoke(tiny_mamba_dir, "--haystack", tmp_path / "nope", *out), "does not exist")

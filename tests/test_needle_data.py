@@ -136,10 +136,16 @@ def test_haystack_files_sorted_empty_and_too_short(tmp_path, tok):
 
 def test_grid_parsing():
     assert parse_lengths("1k, 2k,512,1K") == [512, 1024, 2048]
-    assert parse_depths("5") == [0, 25, 50, 75, 100]
+    assert parse_depths("5x") == [0, 25, 50, 75, 100] and parse_depths("11X") == [10.0 * i for i in range(11)]
+    assert parse_depths("1x") == [50]
     assert parse_depths("0,50,100") == [0, 50, 100] and parse_depths("30%") == [30]
-    for bad in ("101", "0,-5", "x"):
+    # a bare number is a percent, never a count: --depths 50 is one cell at 50%, not fifty depths
+    assert parse_depths("50") == [50] and parse_depths("5") == [5] and parse_depths("100") == [100]
+    for bad in ("0,101", "0,-5", "x", "0x", "5x,50", "ax"):
         with pytest.raises(SsmdiagError):
-            parse_depths(bad if bad != "101" else "0,101")
+            parse_depths(bad)
+    with pytest.raises(SsmdiagError) as err:
+        parse_depths("101")
+    assert "101x" in err.value.hint  # a count above 100 written the old way is pointed to the new spelling
     with pytest.raises(SsmdiagError):
         parse_lengths("2q")

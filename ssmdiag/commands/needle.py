@@ -26,7 +26,8 @@ Opt = typer.Option
 def main(
     model: ModelArg,
     lengths: Annotated[str, Opt(help="Context lengths in tokens (k = 1024), e.g. 1k,2k,4k.")] = "1k,2k,4k",
-    depths: Annotated[str, Opt(help="N evenly spaced depths 0-100, or percents: 0,25,50 or 50%.")] = "11",
+    depths: Annotated[str, Opt(
+        help="Percents (50 = one depth at 50%; 0,25,50) or a count Nx (11x: 0,10,…,100).")] = "11x",
     samples: Annotated[int, Opt(min=1, help="Needles per cell.")] = 1,
     needles: Annotated[str, Opt(help="counterfactual | magic | FILE.json.")] = "counterfactual",
     haystack: Annotated[Optional[Path], Opt(help="Text FILE or DIR (sorted); default: generated.")] = None,
