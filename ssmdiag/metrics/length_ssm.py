@@ -57,9 +57,9 @@ def per_token_decay(delta: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor,
     Returns: (mean Δ (l,), mean α (l,)); Mamba-1 kinds: α of a channel = exp(Δ·mean_n A), the geometric mean
         of its n states' decays.
     """
-    dlt = delta.double()
-    rate = A.double() if A.dim() == 1 else A.double().mean(-1)                    # (h,) | (d,)
-    return dlt.mean(-1), torch.exp(dlt * rate).mean(-1)
+    dlt = delta.float()
+    rate = A.float() if A.dim() == 1 else A.float().mean(-1)                      # (h,) | (d,)
+    return dlt.mean(-1).double(), torch.exp(dlt * rate).mean(-1).double()
 
 
 def global_share(sum_delta: torch.Tensor, A: torch.Tensor, threshold: float = GLOBAL_THRESHOLD) -> float:
