@@ -229,7 +229,8 @@ def test_every_delta_rule_layer_of_transformers_is_known():
     assert found and found <= set(DELTA_KINDS), sorted(found - set(DELTA_KINDS))
 
 
-@pytest.mark.parametrize("case", ["qwen3_next", "qwen3_5", "olmo_hybrid", "kimi_linear", "bailing_hybrid"])
+@pytest.mark.parametrize("case", ["qwen3_next", "qwen3_5", "qwen3_5_moe", "olmo_hybrid", "lara_mini", "qwen4_exp",
+                                  "kimi_linear", "bailing_hybrid"])
 def test_model_logits_with_our_layers_equal_transformers(case):
     model, _ = _model_and_layer(case)
     ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(4))
