@@ -22,7 +22,7 @@ class HiddenStatesLayout:
     """Where each entry of a model's `output_hidden_states` sits, measured on the loaded model.
 
     entries: per entry, the places whose value it equals: "in:i" (block i's input), "out:i" (block i's output),
-        "norm" (the final norm's output).  num_blocks: blocks hooked.  measured: False when no forward could be
+        "norm" (the final norm's output; where ssmdiag finds no final norm, an unmatched last entry).  num_blocks: blocks hooked.  measured: False when no forward could be
         probed (meta device) or no hook matched; then the layout is inferred from the entry count alone.
     """
 
@@ -125,8 +125,11 @@ def probe_hidden_states(model: nn.Module, blocks: list[nn.Module], final_norm: n
             h.remove()
     hidden = tuple(hidden or ())
     same = (lambda a, b: a.shape == b.shape and torch.equal(a.float(), b.float()))
-    entries = tuple(frozenset(tag for tag, t in seen.items() if same(h, t)) for h in hidden)
-    if not any(entries):  # no hook matched: the blocks ssmdiag found are not the ones hidden_states follows
+    entries = [frozenset(tag for tag, t in seen.items() if same(h, t)) for h in hidden]
+    if entries and not entries[-1] and "norm" not in seen:  # a final norm the adapter does not know (LFM2, RWKV)
+        entries[-1] = frozenset({"norm"})
+    entries = tuple(entries)
+    if not any(e - {"norm"} for e in entries):  # no hook matched: the blocks ssmdiag found are not the ones hidden_states follows
         emb = embedding(ids) if embedding is not None and hidden else None
         return _infer_layout(len(hidden), emb is not None and same(hidden[0], emb))
     return HiddenStatesLayout(entries, len(blocks))

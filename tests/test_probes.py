@@ -165,3 +165,24 @@ def test_renamed_ssm_config_key_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(adapters.SSM_CONFIG_KEYS, "mamba2", {**adapters.SSM_CONFIG_KEYS["mamba2"], "heads": "n_heads"})
     with pytest.raises(SsmdiagError, match="no n_heads.*renamed"):
         ad.ssm_config_keys
+
+
+def test_rwkv_starts_with_block_output_and_has_an_unknown_final_norm():
+    """RWKV (a family without an adapter) returns (block 0's output, block 1's output, ln_out) in 5.24: the view that
+    used to read entry i as block i's input was one block off there; the probe aligns it."""
+    import transformers as t
+
+    torch.manual_seed(0)
+    model = t.AutoModelForCausalLM.from_config(t.RwkvConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2,
+                                                            attention_hidden_size=32, intermediate_size=64)).eval()
+    ad = get_adapter(model)
+    assert ad.family == "other" and not ad.hidden_states_has_embedding
+    with torch.no_grad():
+        hidden = model(input_ids=IDS, output_hidden_states=True).hidden_states
+        streams = ad.block_streams(hidden, IDS)
+        block0_in = []
+        h = ad.blocks()[0].register_forward_pre_hook(lambda m, a: block0_in.append(a[0]) or None)
+        model(input_ids=IDS)
+        h.remove()
+    assert torch.equal(streams[0][0], block0_in[0]) and torch.equal(streams[1][0], hidden[0])
+    assert torch.equal(streams[1][1], hidden[1])  # the last block's raw output; hidden[2] is after ln_out
