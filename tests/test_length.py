@@ -230,16 +230,17 @@ def test_cli_writes_every_field_on_each_family(family, tiny_root, tiny_tokenizer
         assert len(model["mmd"][0]["per_head"][0]) == 4
 
 
-def test_cli_on_a_hybrid(tiny_root, tiny_tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("family,kind", [("bamba", "mamba2"), ("zamba", "mamba1")])  # zamba: B and C per head
+def test_cli_on_a_hybrid(family, kind, tiny_root, tiny_tokenizer_dir, tmp_path):
     from tinyfamilies import save_hybrid
 
-    path = tiny_root / "length_bamba"
+    path = tiny_root / f"length_{family}"
     if not (path / "config.json").exists():
-        save_hybrid("bamba", path, tiny_tokenizer_dir)
+        save_hybrid(family, path, tiny_tokenizer_dir)
     result = _run([str(path), "--train-len", "64", "--lengths", "128", "--samples", "2", "--chunk", "48",
                    "--out", str(tmp_path)])
     model = _check_run(tmp_path, result, True)
-    assert model["kind"] == "mamba2"
+    assert model["kind"] == kind
 
 
 @pytest.mark.parametrize("args", [["--lengths", "abc"], ["--lengths", "8"], ["--lengths", "1.5"],
