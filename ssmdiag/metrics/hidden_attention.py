@@ -16,6 +16,7 @@ Mamba-1: delta (b, l, d), A (d, n), B/C (b, l, n).  Mamba-2: delta (b, l, h), A 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 A_FLOOR = -1e300  # A = -inf would give -inf · 0 = NaN where ΣΔ = 0 (s = t); a finite floor gives exp(0) = 1
@@ -127,3 +128,41 @@ def hidden_attention_ref(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
                 cb = prod * B[:, s, None, :].double() * C[:, t, None, :].double()  # (b, d, n)
                 out[:, t, s] = cb.sum(-1) * delta[:, s].double()
     return out
+
+
+def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: list[int]) -> tuple[list[int], np.ndarray]:
+    """Closed-form hidden-attention influence of each SSM layer: (layers, samples, T, l), norm over channels.
+
+    Uses the recorded Δ, A, B, C of every SSM layer (ssmdiag.kernels.mixer.record); no autograd.  Hybrids: the
+    SSM layers only (attention layers have no closed form here).  Zamba's per-head B and C: one head at a time.
+
+    Args:
+        model: a model with SSM layers. adapter: its Adapter. ids: (samples, l) token ids. targets: the T targets.
+    Returns: the SSM layer indices, and the rows in that order.
+    """
+    from ..kernels.mixer import record
+
+    adapter._require_ssm()
+    layers = adapter.ssm_layers()
+    length = ids.shape[1]
+    out = np.zeros((len(layers), ids.shape[0], len(targets), length))
+    device = adapter.embedding().weight.device
+    for i in range(ids.shape[0]):
+        with torch.no_grad(), record(model, params=True) as rec:
+            adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
+        for k, layer in enumerate(layers):
+            lr = rec.layers[layer]
+            for j, t in enumerate(targets):
+                out[k, i, j, : t + 1] = layer_alpha(lr, t).norm(dim=-1).numpy()
+    return layers, out
+
+
+def layer_alpha(lr, t: int) -> torch.Tensor:
+    """(t+1, channels) hidden attention of one recorded layer at target t; per-head B/C (Zamba) head by head."""
+    delta, A, B, C = (x.cpu() for x in (lr.delta, lr.A, lr.B, lr.C))
+    if A.dim() == 2 and B.dim() == 4:  # Mamba-1 channels split into heads, each with its own B and C
+        heads = B.shape[2]
+        p = A.shape[0] // heads
+        return torch.cat([hidden_attention_row(delta[..., h * p:(h + 1) * p], A[h * p:(h + 1) * p], B[:, :, h],
+                                               C[:, :, h], t)[0] for h in range(heads)], dim=-1)
+    return hidden_attention_row(delta, A, B, C, t)[0]

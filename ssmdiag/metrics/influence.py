@@ -31,6 +31,7 @@ import torch
 from ..errors import SsmdiagError
 from .influence_fit import (DecayFit, InfluenceCurve, PowerLawFit, aggregate_curve, common_distance, fit_bands,
                             fit_decay, fit_power_law, near_share, rows_by_distance, sample_curves, select_shape)
+from .hidden_attention import layer_alpha as _layer_alpha, per_layer_rows  # noqa: F401  (closed form: there)
 from .spectrum import DecayBound, slowest_channel_rates, summarize_bound
 
 @dataclass
@@ -272,46 +273,6 @@ def summarize_ratio(logvals_a: np.ndarray, logvals_b: np.ndarray, fit_range: tup
     summary = summarize_curves(sample_curves(logvals_a - logvals_b, statistic), fit_range, statistic, common)
     summary.paired = paired
     return summary
-
-
-def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: list[int]) -> tuple[list[int], np.ndarray]:
-    """Closed-form hidden-attention influence of each SSM layer: (layers, samples, T, l), norm over channels.
-
-    Uses the recorded Δ, A, B, C of every SSM layer (ssmdiag.kernels.mixer.record); no autograd.  Hybrids: the
-    SSM layers only (attention layers have no closed form here).  Zamba's per-head B and C: one head at a time.
-
-    Args:
-        model: a model with SSM layers. adapter: its Adapter. ids: (samples, l) token ids. targets: the T targets.
-    Returns: the SSM layer indices, and the rows in that order.
-    """
-    from ..kernels.mixer import record
-
-    adapter._require_ssm()
-    layers = adapter.ssm_layers()
-    length = ids.shape[1]
-    out = np.zeros((len(layers), ids.shape[0], len(targets), length))
-    device = adapter.embedding().weight.device
-    for i in range(ids.shape[0]):
-        with torch.no_grad(), record(model, params=True) as rec:
-            adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
-        for k, layer in enumerate(layers):
-            lr = rec.layers[layer]
-            for j, t in enumerate(targets):
-                out[k, i, j, : t + 1] = _layer_alpha(lr, t).norm(dim=-1).numpy()
-    return layers, out
-
-
-def _layer_alpha(lr, t: int) -> torch.Tensor:
-    """(t+1, channels) hidden attention of one recorded layer at target t; per-head B/C (Zamba) head by head."""
-    from .hidden_attention import hidden_attention_row
-
-    delta, A, B, C = (x.cpu() for x in (lr.delta, lr.A, lr.B, lr.C))
-    if A.dim() == 2 and B.dim() == 4:  # Mamba-1 channels split into heads, each with its own B and C
-        heads = B.shape[2]
-        p = A.shape[0] // heads
-        return torch.cat([hidden_attention_row(delta[..., h * p:(h + 1) * p], A[h * p:(h + 1) * p], B[:, :, h],
-                                               C[:, :, h], t)[0] for h in range(heads)], dim=-1)
-    return hidden_attention_row(delta, A, B, C, t)[0]
 
 
 def summarize_layers(layer_rows: np.ndarray, targets: list[int], fit_range: tuple[int, int],

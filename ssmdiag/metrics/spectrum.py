@@ -139,9 +139,11 @@ class DecayBound:
         layer_rate_mean_delta[i]: the slowest channel's rate at its mean Δ over the tokens (Π Ā_k = exp(A·ΣΔ_k),
             so this is what the channel does over a long span on these inputs; not a bound).
         end_to_end_rate: min(layer_rate), the bound. end_to_end_rate_mean_delta: min(layer_rate_mean_delta).
-        observed_far_rate, observed_far_ci95, far_range: the far-band fit of the influence curve.
+        observed_far_rate, observed_far_ci95, far_range: the far-band fit of the influence curve (the mean of the
+            per-sample far rates and their 95% Student-t interval across samples; no interval with one sample).
         consistent: the observed far rate's 95% interval reaches the bound, allowing BOUND_REL_TOL for the finite
-            window and the poly(t−s) factor (None without an observed rate).
+            window and the poly(t−s) factor; with one sample (no interval) the rate itself must reach it (None
+            without an observed rate).
     """
 
     layers: list[int]

@@ -54,8 +54,8 @@ def _draw(ax, summary, label: str, colour: str, loglog: bool = False) -> None:
 
 
 def _draw_bound(ax, bound, summary, colour: str) -> None:
-    """The slowest channel's rate from Ā (Thm 3.1) as a line through the curve at the far band's start: beyond,
-    the curve may not stay above it for long."""
+    """The slowest channel's rate from Ā (Thm 3.1) as a line (dash-dot-dot) through the curve at the far band's
+    start: beyond, the curve may not stay above it for long."""
     far = next((b for b in summary.bands if b.band == "far"), None)
     if bound is None or far is None:
         return
@@ -63,7 +63,7 @@ def _draw_bound(ax, bound, summary, colour: str) -> None:
     y0 = far.intercept_log10 + far.log10_slope * x0
     xb = np.array([x0, far.fit_hi])
     slope = -bound.end_to_end_rate / math.log(10)
-    ax.plot(xb, y0 + slope * (xb - x0), color=colour, ls="-.", lw=1.2,
+    ax.plot(xb, y0 + slope * (xb - x0), color=colour, ls=(0, (4, 1, 1, 1, 1, 1)), lw=1.2,
             label=f"bound from max Ā: far rate ≥ {bound.end_to_end_rate:.2g}/token (far fit {far.decay_rate:.2g})")
     typical = -bound.end_to_end_rate_mean_delta / math.log(10)
     ax.plot(xb, y0 + typical * (xb - x0), color=colour, ls=(0, (1, 3)), lw=1.0,
