@@ -251,3 +251,13 @@ def test_bad_lengths_or_train_len_give_one_error_line(args, tiny_mamba_dir, tmp_
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and "Traceback" not in result.output
+
+
+def test_dry_run_estimates_without_running(tmp_path):
+    pytest.importorskip("ssmdiag.estimate")
+    result = _run(["mamba-130m", "--init", "random", "--lengths", "32k", "--dry-run", "--json", "--out",
+                   str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output[result.output.index("{"):])
+    assert doc["estimates"][0]["command"] == "length" and doc["estimates"][0]["peak_bytes"] > 0
+    assert not (tmp_path / "length").exists()  # nothing ran, no run folder

@@ -57,3 +57,21 @@ def loss_table(results):
 
 def tables(results, path) -> list:
     return [summary_table(results, path), loss_table(results)]
+
+
+def dry_run_table(specs, cfg, init: str, dtype: str, device: str, backend: str):
+    """`length --dry-run`: (document, table) of ssmdiag.estimate's peak memory and time per model; nothing runs."""
+    from ..estimate import estimate_command, model_shape
+
+    rows, docs = [], []
+    for spec in specs:
+        est = estimate_command("length", model_shape(spec, init=init, dtype=dtype), device=device, backend=backend,
+                               units=cfg.samples, seq_len=max(cfg.lengths), segment=cfg.chunk)
+        docs.append(est.as_dict())
+        rows.append([spec, est.device, est.backend, f"{est.peak_bytes / 2**30:.2f} GiB",
+                     f"{est.seconds_per_unit:.3g} s", f"{est.seconds_total:.3g} s",
+                     "—" if est.fits is None else ("yes" if est.fits else "NO")])
+    note = " (streamed pass only; remembrance adds ~2.5 × Σ lengths tokens per sample)" if cfg.remembrance else ""
+    table = console.table(f"length --dry-run: estimate per model{note}",
+                          ["model", "device", "scan", "peak memory", "per sample", "total", "fits"], rows)
+    return {"dry_run": True, "estimates": docs}, table

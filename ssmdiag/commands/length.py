@@ -18,7 +18,7 @@ from ..options import (DEFAULT_OUT, Backend, BackendOpt, DeviceOpt, Dtype, Dtype
 from ..parse import parse_lengths, parse_train_len
 from ..plots import length as plots
 from ..results import start_run
-from ._length_table import tables
+from ._length_table import dry_run_table, tables
 from ._load import load_models
 
 Opt = typer.Option
@@ -37,6 +37,7 @@ def main(
     init: InitOpt = Init.pretrained, seed: SeedOpt = 0, dtype: DtypeOpt = Dtype.auto, device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None, trust_remote_code: TrustRemoteCodeOpt = False, backend: BackendOpt = Backend.auto,
     out: OutOpt = DEFAULT_OUT, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    dry_run: Annotated[bool, Opt("--dry-run", help="Estimate peak memory and time from the config alone.")] = False,
 ) -> None:
     """Loss by position, state RMS, decay and global channels, receptive field and remembrance against length."""
     console.set_quiet(quiet)
@@ -47,6 +48,9 @@ def main(
         raise SsmdiagError(f"--global-threshold {global_threshold} is not below 1", hint="e.g. --global-threshold 0.1")
     cfg = LengthConfig(lengths=lens, samples=samples, chunk=chunk, seed=seed, remembrance=remembrance,
                        global_threshold=global_threshold)
+    if dry_run:
+        doc, table = dry_run_table(models, cfg, init.value, dtype.value, device, backend.value)
+        return console.emit(doc, [table], as_json=as_json)
     loaded = load_models(models, LoadOptions(init=init.value, dtype=dtype.value, device=device, tokenizer=tokenizer,
                                              seed=seed, trust_remote_code=trust_remote_code, backend=backend.value))
     plans = []
