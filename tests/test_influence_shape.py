@@ -12,8 +12,8 @@ import torch
 
 from influence_models import exact_mamba, spread_mamba
 from ssmdiag.adapters import get_adapter
-from ssmdiag.metrics.influence import (InfluenceConfig, compute_influence, influence_rows, measure_influence,
-                                       prepare_for_gradients, sample_seed, summarize_influence, summarize_ratio)
+from ssmdiag.metrics.influence import (InfluenceConfig, compute_influence, influence_rows, make_forward,
+                                       measure_influence, prepare_for_gradients, sample_seed, summarize_ratio)
 from ssmdiag.metrics.influence_fit import (EXPONENTIAL, NONE, POWER_LAW, UNDETERMINED, aggregate_curve,
                                            auto_fit_range, fit_bands, fit_decay, fit_power_law, select_shape)
 from ssmdiag.metrics.intervals import mean_interval
@@ -154,10 +154,14 @@ def test_grad_readout_is_drawn_per_sample_and_reproducible(one_thread):
     rows = compute_influence(adapter, ids, [19], seed=5)
     assert not np.allclose(rows[0], rows[1]) and not np.allclose(rows[1], rows[2])  # different readouts
     np.testing.assert_array_equal(rows, compute_influence(adapter, ids, [19], seed=5))  # seeded
-    forward = __import__("ssmdiag.metrics.influence", fromlist=["make_forward"]).make_forward(adapter)
+    forward = make_forward(adapter)
     alone = influence_rows(forward, adapter.embedding()(ids[2:3]), [19], "grad",
                            generator=torch.Generator().manual_seed(sample_seed(5, 2)))
     np.testing.assert_allclose(rows[2], alone[0].numpy(), rtol=1e-6)
+    jac = compute_influence(adapter, ids, [19], estimator="jacobian", probes=2, seed=5)  # probes per sample too
+    alone = influence_rows(forward, adapter.embedding()(ids[1:2]), [19], "jacobian", probes=2,
+                           generator=torch.Generator().manual_seed(sample_seed(5, 1)))
+    np.testing.assert_allclose(jac[1], alone[0].numpy(), rtol=1e-6)
 
 
 # --- real one-layer Mambas with a known curve ----------------------------------------------------------------

@@ -120,32 +120,47 @@ def plot_ratio(path: Path, name_a: str, name_b: str, ratio) -> Path:
     return save_figure(fig, path)
 
 
+def _band(ax, x, cis, colour) -> None:
+    """Shade per-layer 95% intervals when every layer has one."""
+    if cis and all(ci is not None for ci in cis):
+        ax.fill_between(x, [c[0] for c in cis], [c[1] for c in cis], color=colour, alpha=0.2, lw=0)
+
+
 def plot_per_layer(path: Path, named: list[tuple[str, list]], bounds: list | None = None) -> Path:
-    """Closed-form (hidden-attention) decay rate per token for each SSM layer, with t intervals across samples, and
-    (bounds: one DecayBound or None per model) each layer's slowest channel: −ln max Ā and the rate at mean Δ."""
-    fig, (ax,) = new_figure(width=7.0, height=4.0)
+    """Closed-form (hidden-attention) influence per SSM layer, with t intervals across samples: left the
+    exponential decay rate per token (open circles: the layer's shape is not exponential) and (bounds: one
+    DecayBound or None per model) each layer's slowest channel, −ln max Ā and the rate at mean Δ; right the
+    power-law exponent (filled: the layer's shape is power_law)."""
+    fig, (ax, axp) = new_figure(ncols=2, width=5.5, height=4.0)
     for i, (name, layers) in enumerate(named):
         x = np.array([ld.layer for ld in layers])
-        y = np.array([ld.decay_rate for ld in layers])
-        ax.plot(x, y, "o-", color=color(i), ms=3, label=name)
+        ax.plot(x, [ld.decay_rate for ld in layers], "o-", color=color(i), ms=3, label=name)
         open_ = [ld for ld in layers if ld.shape != "exponential"]
         if open_:  # layers whose closed-form curve is not (or not shown to be) an exponential decay
             ax.plot([ld.layer for ld in open_], [ld.decay_rate for ld in open_], "o", mfc="white",
                     color=color(i), ms=5, label=f"{name}: shape not exponential")
-        cis = [ld.decay_rate_ci95 for ld in layers]
-        if all(ci is not None for ci in cis):
-            ax.fill_between(x, [c[0] for c in cis], [c[1] for c in cis], color=color(i), alpha=0.2, lw=0)
+        _band(ax, x, [ld.decay_rate_ci95 for ld in layers], color(i))
         b = bounds[i] if bounds else None
         if b is not None:
             ax.plot(b.layers, b.layer_rate, "-.", color=color(i), lw=1, label=f"{name}: slowest channel, −ln max Ā")
             ax.plot(b.layers, b.layer_rate_mean_delta, ":", color=color(i), lw=1.2,
                     label=f"{name}: slowest channel at its mean Δ")
-    ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel("layer")
+        expo = [ld.exponent if ld.exponent is not None else np.nan for ld in layers]
+        axp.plot(x, expo, "-", color=color(i), lw=1, label=name)
+        pw = [ld for ld in layers if ld.shape == "power_law"]
+        axp.plot([ld.layer for ld in pw], [ld.exponent for ld in pw], "o", color=color(i), ms=4,
+                 label=f"{name}: shape power_law")
+        _band(axp, x, [ld.exponent_ci95 for ld in layers], color(i))
+    for a in (ax, axp):
+        a.axhline(0.0, color="grey", lw=0.8)
+        a.set_xlabel("layer")
     ax.set_ylabel("decay rate per token (ln units)")
-    ax.set_title("closed-form per-layer influence decay (hidden attention)", fontsize=10)
+    axp.set_ylabel("power-law exponent (I ∝ d^exponent)")
+    ax.set_title("closed-form per-layer decay: exponential rate", fontsize=10)
+    axp.set_title("closed-form per-layer decay: power-law exponent", fontsize=10)
     if named:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+        axp.legend(fontsize=7)
     top = ax.get_ylim()[1]
     if math.isfinite(top) and top > 0:
         ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
