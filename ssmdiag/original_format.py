@@ -79,6 +79,12 @@ def weights_error(exc: Exception, path: Path) -> SsmdiagError:
                             "plain tensors (unsafe to unpickle)",
                             hint="convert the checkpoint to safetensors where it was made, or use a trusted copy")
     first = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+    if isinstance(exc, ImportError) or "pip install" in text:  # e.g. transformers 5.25 without the `kernels` package
+        import transformers
+
+        return SsmdiagError(f"transformers {transformers.__version__} could not load '{path}': {first}",
+                            hint="install the package it names, or use a transformers release in pyproject.toml's "
+                                 "range (tested; docs/install.md says why it stops below 5.25)")
     if "size mismatch" in text or "shape" in first or "mismatched_sizes" in text:
         return SsmdiagError(f"the weights in '{path}' do not match its config.json: {first}",
                             hint="check that config.json belongs to these weights")

@@ -223,3 +223,17 @@ def test_device_and_dtype_errors(tiny_mamba_dir):
 def test_dtype_bf16(tiny_mamba_dir):
     loaded = load_model(str(tiny_mamba_dir), dtype="bfloat16", backend="hf")
     assert loaded.dtype == torch.bfloat16
+
+
+def test_missing_package_at_load_is_not_called_corrupt(tiny_mamba_dir, monkeypatch):
+    """transformers 5.25 without `kernels` raises at load time; the user is told what is missing, not 'corrupt'."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Kernels are not available. Please install a compatible version (0.19.1 <= version < 0.20.0), "
+                         "e.g. `pip install kernels==0.19.1`")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(SsmdiagError, match="Kernels are not available") as err:
+        load_model(str(tiny_mamba_dir))
+    assert "corrupt" not in err.value.hint and "docs/install.md" in err.value.hint
