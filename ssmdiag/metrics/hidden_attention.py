@@ -130,7 +130,8 @@ def hidden_attention_ref(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
     return out
 
 
-def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor, targets: list[int]) -> tuple[list[int], np.ndarray]:
+def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor,
+                   targets: list[int]) -> tuple[list[int], np.ndarray]:
     """Closed-form hidden-attention influence of each SSM layer: (layers, samples, T, l), norm over channels.
 
     Uses the recorded Δ, A, B, C of every SSM layer (ssmdiag.kernels.mixer.record); no autograd.  Hybrids: the
