@@ -30,6 +30,7 @@ COMMANDS: list[tuple[str, str, str]] = [
      "Polarize state channels (Ā ≡ 1 / Ā ≡ 0): patch a checkpoint, fine-tune it, or train the MQAR grid."),
     ("robust", "robust", "Corrupt leading vs trailing tokens: how much each hurts the next-token output (§3.3)."),
     ("length", "length", "Past the training length: loss by position, state health, global channels, MMD, remembrance."),
+    ("report", "report", "Every diagnostic of one or two models on one self-contained page (report.html)."),
 ]
 
 app = typer.Typer(

@@ -63,7 +63,7 @@ class Backend(Choice):
 
 # --- influence ------------------------------------------------------------------------------------
 class Estimator(Choice):
-    """--estimator: grad (one fixed random readout) or jacobian (Frobenius norm from --probes readouts)."""
+    """--estimator: grad (one random readout per sample) or jacobian (Frobenius norm from --probes readouts)."""
 
     grad = "grad"
     jacobian = "jacobian"
@@ -120,6 +120,11 @@ TokenizerOpt = Annotated[Optional[str], typer.Option(
     "--tokenizer", help="Tokenizer hub id or dir (original state-spaces checkpoints ship none).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Directory under which each run writes its own folder.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Estimate peak memory and time from the config alone "
+                                         "(no weights read), write result.json's estimate, and stop.")]
+CheckpointOpt = Annotated[Optional[bool], typer.Option(
+    "--checkpoint/--no-checkpoint", help="Recompute each block's activations in the backward (less memory, one "
+    "more forward); default: on when the estimate exceeds the device's memory.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")]
 TrustRemoteCodeOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow the checkpoint's own Python code to run (off by default).")
@@ -184,6 +189,15 @@ class Corruption(Choice):
     random = "random"
     noise = "noise"
     splice = "splice"
+
+
+# --- report ---------------------------------------------------------------------------------------
+class Budget(Choice):
+    """--budget: the sizes `report` runs each diagnostic at (ssmdiag.report.registry.BUDGETS lists the same)."""
+
+    quick = "quick"
+    standard = "standard"
+    full = "full"
 
 
 # --- polarize: training recipe --------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""`ssmdiag report`: every diagnostic of one or two models on one self-contained page (registry, reading, rendering)."""
