@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .conventions import HiddenStatesLayout, cached_layout
+from .conventions import HiddenStatesLayout, cached_layout, probe_norm_whole_width
 from .errors import SsmdiagError
 
 SSM_FAMILIES = ("mamba", "mamba2", "falcon_mamba")  # pure SSMs: every block is an SSM mixer
@@ -292,9 +292,13 @@ class Adapter:
     @property
     def ssm_norm_whole_width(self) -> bool:
         """Whether the Mamba-2 mixers' gated RMSNorm normalises over the whole width d (transformers 5.20's Mamba-2,
-        Bamba, Granite-4.0-H) instead of per B/C group (later releases; Nemotron-H, Zamba2, Falcon-H1 always)."""
+        Bamba, Granite-4.0-H) instead of per B/C group (later releases; Nemotron-H, Zamba2, Falcon-H1 always).
+        Measured by calling the norm when the mixer has several groups; with one group, read from its attributes."""
         norm = getattr(self._first_ssm(), "norm", None) if self.ssm_kind == "mamba2" else None
-        return hasattr(norm, "weight") and not any(hasattr(norm, a) for a in ("group_size", "n_groups"))
+        if not hasattr(norm, "weight"):
+            return False
+        measured = probe_norm_whole_width(norm, self.n_groups or 1)  # None: one group or a meta model
+        return measured if measured is not None else not any(hasattr(norm, a) for a in ("group_size", "n_groups"))
 
     # --- SSM parameters ------------------------------------------------------------------
     def _ssm_at(self, layer: int) -> nn.Module:

@@ -133,3 +133,34 @@ def probe_hidden_states(model: nn.Module, blocks: list[nn.Module], final_norm: n
         emb = embedding(ids) if embedding is not None and hidden else None
         return _infer_layout(len(hidden), emb is not None and same(hidden[0], emb))
     return HiddenStatesLayout(entries, len(blocks))
+
+
+@torch.no_grad()
+def probe_norm_whole_width(norm: nn.Module, groups: int) -> bool | None:
+    """Whether a Mamba-2 gated RMSNorm normalises over its whole width (True) or per B/C group (False), measured by
+    calling it on groups whose scales differ 100-fold; None when a call cannot tell (one group, meta device, an
+    unexpected signature or result).
+
+    Args:
+        norm: the mixer's gated norm, called as norm(x) with x (1, 2, d) (two tokens: some squeeze one).  groups: the mixer's B/C groups g.
+    """
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or groups < 2 or weight.device.type == "meta" or weight.numel() % groups:
+        return None
+    d = weight.numel()
+    scale = torch.logspace(0, 2, groups).repeat_interleave(d // groups)
+    x = torch.randn(1, 2, d, generator=torch.Generator().manual_seed(0)) * scale  # (1, 2, d)
+    try:
+        out = norm(x.to(weight.device, weight.dtype)).float().cpu()
+    except Exception:  # noqa: BLE001 - a norm that wants other arguments: fall back to reading its attributes
+        return None
+    w = weight.detach().float().cpu()
+    whole = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))
+    xg = x.view(1, 2, groups, d // groups)
+    per = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True))).view(1, 2, d)
+    if out.shape != x.shape:
+        return None
+    err_whole, err_per = (out - w * whole).abs().max(), (out - w * per).abs().max()
+    if min(err_whole, err_per) > 0.05 * out.abs().max():
+        return None
+    return bool(err_whole < err_per)

@@ -186,3 +186,42 @@ def test_rwkv_starts_with_block_output_and_has_an_unknown_final_norm():
         h.remove()
     assert torch.equal(streams[0][0], block0_in[0]) and torch.equal(streams[1][0], hidden[0])
     assert torch.equal(streams[1][1], hidden[1])  # the last block's raw output; hidden[2] is after ln_out
+
+
+def _whole_width_forward(norm):
+    """transformers 5.20's Mamba-2 gated norm: RMS over the whole width d, whatever the groups."""
+    def forward(hidden_states, gate=None):
+        x = hidden_states.float()
+        if gate is not None:
+            x = x * torch.nn.functional.silu(gate.float())
+        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+    return forward
+
+
+def test_norm_width_is_measured_not_read_from_attribute_names():
+    """Both conventions simulated on one tiny Mamba-2 (2 groups): the answer follows what the norm computes, even
+    when its attributes say otherwise (a whole-width norm keeping group_size, a per-group one that renamed it)."""
+    model = make_model("mamba2")
+    ad = get_adapter(model)
+    norms = [ad.ssm_mixer(b).norm for b in ad.blocks()]
+    assert ad.n_groups == 2 and not ad.ssm_norm_whole_width  # 5.24: per group
+    for norm in norms:
+        norm.forward = _whole_width_forward(norm)  # group_size attribute kept
+    assert ad.ssm_norm_whole_width
+    per_group = make_model("mamba2")
+    norm = get_adapter(per_group).ssm_mixer(get_adapter(per_group).blocks()[0]).norm
+    size = norm.__dict__.pop("group_size")  # a release that renames it: the attribute reading alone says whole width
+    assert not hasattr(norm, "group_size") and not hasattr(norm, "n_groups")
+
+    def per_group_forward(hidden_states, gate=None):
+        x = hidden_states.float().unflatten(-1, (-1, size))
+        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).flatten(-2)
+
+    norm.forward = per_group_forward
+    assert not get_adapter(per_group).ssm_norm_whole_width
+
+
+def test_norm_width_with_one_group_falls_back_to_attributes():
+    ad = get_adapter(make_model("mamba2", n_groups=1))
+    assert conventions.probe_norm_whole_width(ad.ssm_mixer(ad.blocks()[0]).norm, 1) is None
+    assert ad.ssm_norm_whole_width is False
