@@ -69,7 +69,7 @@ def main(
         folder, index = run_report(cfg, out, run_command, resume=resume)
     rows = [[s["name"], " ".join(s.get("models") or []), s["status"], s.get("seconds", "—"),
              s.get("run_dir") or s.get("error")] for s in index["steps"]]
-    total = sum(s.get("seconds") or 0 for s in index["steps"])
-    console.emit(index, [console.table(f"report → {folder / 'report.html'} (steps {total:.0f} s)",
-                                       ["step", "models", "status", "seconds", "run folder / gap"], rows)],
+    total, cpu = (sum(s.get(k) or 0 for s in index["steps"]) for k in ("seconds", "cpu_seconds"))
+    console.emit(index, [console.table(f"report → {folder / 'report.html'} (steps: {total:.0f} s wall, {cpu:.0f} s "
+                                       "CPU)", ["step", "models", "status", "seconds", "run folder / gap"], rows)],
                  as_json=as_json)

@@ -89,7 +89,7 @@ def _run_step(step: dict, folder: Path, runner: Runner) -> bool:
     shutil.rmtree(out, ignore_errors=True)  # leftovers of an interrupted attempt of this step
     argv = [*step["argv"], "--out", str(out)]
     step["cmdline"] = shlex.join(["ssmdiag", *argv])
-    t0, released = time.perf_counter(), False
+    t0, cpu0, released = time.perf_counter(), time.process_time(), False
     try:
         table = runner(argv)
     except SsmdiagError as exc:
@@ -102,7 +102,7 @@ def _run_step(step: dict, folder: Path, runner: Runner) -> bool:
         released = True
         out.mkdir(parents=True, exist_ok=True)
         (out / "traceback.txt").write_text(traceback.format_exc())
-        step.update(status="failed", error=f"{step['command']} crashed ({exc.__class__.__name__}: {exc}); "
+        step.update(status="failed", crashed=True, error=f"{step['command']} crashed ({exc.__class__.__name__}: {exc}); "
                                             f"traceback in {out / 'traceback.txt'}")
     else:
         runs = sorted(out.glob(f"{step['command']}/*/result.json"))
@@ -111,6 +111,7 @@ def _run_step(step: dict, folder: Path, runner: Runner) -> bool:
         if runs:
             (runs[-1].parent / "table.txt").write_text(table)
     step["seconds"] = round(time.perf_counter() - t0, 2)
+    step["cpu_seconds"] = round(time.process_time() - cpu0, 2)  # all threads: ≈ 2 × the idle 2-core wall at most
     return released
 
 
@@ -128,15 +129,18 @@ def run_report(cfg: ReportConfig, out: Path, runner: Runner, resume: Path | None
         run = start_run(out, "report", cfg.models, config=vars(cfg), seed=cfg.seed, resumable=True)
         folder, index = run.path, _index(cfg, plan_steps(cfg), "report", [])
     steps = index["steps"]
-    todo = [s for s in steps if not (s.get("status") == "done" and (Path(s.get("run_dir", "")) / "result.json").is_file())]
+    todo = [s for s in steps if not _finished(s) and s.get("status") != "split"]
     expected = sum(s["estimate_s"] for s in todo)
     console.log(f"report → {folder}: {len(steps)} steps, {len(steps) - len(todo)} reused; budget {cfg.budget}: "
                 f"expected about {expected / 60:.1f} min on 2 idle CPU cores for 130m-class models "
                 "(longer on a loaded machine or for larger models)")
     write_index(folder, index)
-    for i, step in enumerate(steps, 1):
+    i = 0
+    while i < len(steps):
+        step, i = steps[i], i + 1
         if step not in todo:
-            console.log(f"[{i}/{len(steps)}] {step['name']}: reused {step['run_dir']}")
+            done = f"reused {step['run_dir']}" if _finished(step) else "split into one step per model"
+            console.log(f"[{i}/{len(steps)}] {step['name']}: {done}")
             continue
         console.log(f"[{i}/{len(steps)}] {step['name']} {' '.join(step['models'])} (expected ~{step['estimate_s']:.0f} s) …")
         released = _run_step(step, folder, runner)
@@ -145,8 +149,30 @@ def run_report(cfg: ReportConfig, out: Path, runner: Runner, resume: Path | None
             run = start_run(out, "report", cfg.models, config=vars(cfg), seed=cfg.seed, resume=folder)
         state = "done" if step["status"] == "done" else f"gap: {step.get('error')}"
         console.log(f"[{i}/{len(steps)}] {step['name']} {state} ({step['seconds']:.1f} s)")
+        if step["status"] == "failed" and len(step["models"]) == 2 and not step.get("crashed"):
+            split = _split(step)  # one model may be the reason: give the other its own run
+            step["status"] = "split"  # final: on resume its per-model steps continue instead
+            steps[i:i] = split
+            todo.extend(split)
+            console.log(f"    {step['name']}: trying each model alone")
         write_index(folder, index)
     return _finish(run, folder, index)
+
+
+def _finished(step: dict) -> bool:
+    """A step whose run folder holds its result.json (reused on resume)."""
+    return step.get("status") == "done" and (Path(step.get("run_dir") or "") / "result.json").is_file()
+
+
+def _split(step: dict) -> list[dict]:
+    """A failed two-model step as one step per model (same argv with one model)."""
+    models = step["models"]
+    out = []
+    for j, model in enumerate(models, 1):
+        argv = [step["argv"][0], model, *step["argv"][1 + len(models):]]
+        out.append({**step, "name": f"{step['name']}-{j}", "models": [model], "argv": argv, "status": "pending",
+                    "parent": step["name"], "estimate_s": step["estimate_s"] / 2, "error": None})
+    return out
 
 
 def _finish(run: Any, folder: Path, index: dict) -> tuple[Path, dict]:

@@ -74,7 +74,7 @@ def registry() -> list[Diagnostic]:
             "Family, sizes and the per-layer Ā = exp(Δ·A) the other sections explain. Ā near 1 keeps a channel's "
             "memory for long; near 0 forgets at once.",
             {b: [] for b in BUDGETS}, readers_more.read_info, per_model=True, text_flag=None,
-            estimate_s={"quick": 2, "standard": 2, "full": 2}, headline=False),
+            estimate_s={"quick": 2, "standard": 2, "full": 2}),
         Diagnostic(
             "influence", "influence", "Recency: influence against distance", "influence.md",
             "How strongly the output at position t depends on the token d positions back, and the shape of its "
