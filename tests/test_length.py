@@ -261,3 +261,20 @@ def test_dry_run_estimates_without_running(tmp_path):
     doc = json.loads(result.output[result.output.index("{"):])
     assert doc["estimates"][0]["command"] == "length" and doc["estimates"][0]["peak_bytes"] > 0
     assert not (tmp_path / "length").exists()  # nothing ran, no run folder
+
+
+def test_length_windows_from_prose_text_or_ids(tiny_tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ssmdiag.data.length import length_windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    ids, where, fell = length_windows(tok, None, 64, 3, 0, 384)
+    assert ids.shape == (3, 64) and not fell and "generated prose" in where
+    assert not torch.equal(ids[0], ids[1])  # consecutive windows, not copies
+    text = tmp_path / "t.txt"
+    text.write_text("the state space model reads every token once . " * 200)
+    ids, where, fell = length_windows(tok, text, 32, 2, 0, 384)
+    assert ids.shape == (2, 32) and str(text) in where
+    ids, where, fell = length_windows(None, None, 16, 2, 0, 384)
+    assert fell and ids.shape == (2, 16) and int(ids.max()) < 384
