@@ -188,40 +188,38 @@ def test_rwkv_starts_with_block_output_and_has_an_unknown_final_norm():
     assert torch.equal(streams[1][1], hidden[1])  # the last block's raw output; hidden[2] is after ln_out
 
 
-def _whole_width_forward(norm):
-    """transformers 5.20's Mamba-2 gated norm: RMS over the whole width d, whatever the groups."""
+def _gated_norm_forward(norm, group: int):
+    """A Mamba-2 gated RMSNorm over groups of `group` channels (group = d: 5.20's whole-width norm)."""
     def forward(hidden_states, gate=None):
         x = hidden_states.float()
         if gate is not None:
             x = x * torch.nn.functional.silu(gate.float())
-        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+        x = x.unflatten(-1, (-1, group))
+        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).flatten(-2)
     return forward
 
 
 def test_norm_width_is_measured_not_read_from_attribute_names():
-    """Both conventions simulated on one tiny Mamba-2 (2 groups): the answer follows what the norm computes, even
-    when its attributes say otherwise (a whole-width norm keeping group_size, a per-group one that renamed it)."""
+    """Both conventions simulated on one tiny Mamba-2 (2 groups, whatever the installed release does): the answer
+    follows what the norm computes, even where its attributes say otherwise."""
     model = make_model("mamba2")
     ad = get_adapter(model)
-    norms = [ad.ssm_mixer(b).norm for b in ad.blocks()]
-    assert ad.n_groups == 2 and not ad.ssm_norm_whole_width  # 5.24: per group
-    for norm in norms:
-        norm.forward = _whole_width_forward(norm)  # group_size attribute kept
+    norm = ad.ssm_mixer(ad.blocks()[0]).norm
+    d, g = norm.weight.numel(), ad.n_groups
+    assert g == 2
+    norm.__dict__["group_size"] = d // g  # attributes say "per group" in both cases below
+    norm.forward = _gated_norm_forward(norm, d // g)
+    assert not ad.ssm_norm_whole_width
+    norm.forward = _gated_norm_forward(norm, d)  # whole width, group_size kept
     assert ad.ssm_norm_whole_width
-    per_group = make_model("mamba2")
-    norm = get_adapter(per_group).ssm_mixer(get_adapter(per_group).blocks()[0]).norm
-    size = norm.__dict__.pop("group_size")  # a release that renames it: the attribute reading alone says whole width
+    del norm.__dict__["group_size"]  # a release that renames it: the attribute reading alone would say whole width
+    norm.forward = _gated_norm_forward(norm, d // g)
     assert not hasattr(norm, "group_size") and not hasattr(norm, "n_groups")
-
-    def per_group_forward(hidden_states, gate=None):
-        x = hidden_states.float().unflatten(-1, (-1, size))
-        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).flatten(-2)
-
-    norm.forward = per_group_forward
-    assert not get_adapter(per_group).ssm_norm_whole_width
+    assert not ad.ssm_norm_whole_width
 
 
 def test_norm_width_with_one_group_falls_back_to_attributes():
     ad = get_adapter(make_model("mamba2", n_groups=1))
-    assert conventions.probe_norm_whole_width(ad.ssm_mixer(ad.blocks()[0]).norm, 1) is None
-    assert ad.ssm_norm_whole_width is False
+    norm = ad.ssm_mixer(ad.blocks()[0]).norm
+    assert conventions.probe_norm_whole_width(norm, 1) is None
+    assert ad.ssm_norm_whole_width == (not any(hasattr(norm, a) for a in ("group_size", "n_groups")))
