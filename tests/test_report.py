@@ -174,3 +174,38 @@ def test_chromium_renders_every_image_without_errors_or_requests(report, tmp_pat
         assert seen["text_length"] > 500
         if width == 390:  # a phone: nothing wider than the screen outside the tables' own scrollers
             assert seen["body_scroll_width"] <= 390 and seen["overflowing"] == [], seen["overflowing"]
+
+
+def _fake_runner(calls):
+    """A stand-in for the commands: writes a minimal result.json; `length` fails for m1 (no training length)."""
+    from ssmdiag.errors import SsmdiagError
+
+    def run(argv):
+        calls.append(argv)
+        models = [a for a in argv[1:] if a in ("m1", "m2")]
+        if argv[0] == "length" and "m1" in models:
+            raise SsmdiagError("no config field says the training length of m1", hint="give it with --train-len N")
+        folder = Path(argv[argv.index("--out") + 1]) / argv[0] / "run"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({
+            "command": argv[0], "argv": ["ssmdiag", *argv], "models": [{"name": m} for m in models], "metrics": {}}))
+        return "table"
+
+    return run
+
+
+def test_a_failed_pair_step_is_retried_per_model_and_resume_reruns_only_what_failed(tmp_path):
+    from ssmdiag.jobs.report import ReportConfig, run_report
+
+    calls = []
+    cfg = ReportConfig(models=["m1", "m2"], budget="quick", quiet=True)
+    folder, index = run_report(cfg, tmp_path, _fake_runner(calls))
+    status = {s["name"]: s["status"] for s in index["steps"]}
+    assert status["length"] == "split" and status["length-1"] == "failed" and status["length-2"] == "done"
+    assert "--train-len" in next(s for s in index["steps"] if s["name"] == "length-1")["error"]
+    html = (folder / "report.html").read_text()
+    assert "Gap:" in html and "training length of m1" in html  # a field-less run and a failed step: stated gaps
+    calls.clear()
+    _, again = run_report(cfg, tmp_path, _fake_runner(calls), resume=folder)
+    assert [c[0] for c in calls] == ["length"] and calls[0][1] == "m1"  # only the failed step runs again
+    assert [s["name"] for s in again["steps"]] == [s["name"] for s in index["steps"]]

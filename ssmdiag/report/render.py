@@ -31,6 +31,7 @@ table{border-collapse:collapse;font-size:.82rem;margin:.4rem 0}
 th,td{border:1px solid #ddd;padding:.15rem .4rem;text-align:left;vertical-align:top;overflow-wrap:normal}
 th{background:#f0f0f0}caption{text-align:left;font-weight:600;padding:.2rem 0;overflow-wrap:anywhere}
 code{font-size:.82rem;overflow-wrap:anywhere}
+summary{cursor:pointer;font-weight:600;font-size:.85rem;margin:.4rem 0}
 """
 
 
@@ -76,8 +77,11 @@ def _table(title: str, cols: list[str], rows: list[list[Any]]) -> str:
         return f'<p class="note">{_e(title)}: no rows</p>'
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return (f'<div class="tw"><table><caption>{_e(title)}</caption><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div>")
+    table = (f'<div class="tw"><table><caption>{_e(title)}</caption><thead><tr>{head}</tr></thead>'
+             f"<tbody>{body}</tbody></table></div>")
+    if len(rows) > 12:  # a long table (per layer) folds away; its title stays in view
+        return f"<details><summary>{_e(title)} ({len(rows)} rows)</summary>{table}</details>"
+    return table
 
 
 def _provenance(part: Part) -> str:
