@@ -297,8 +297,9 @@ def select_shape(curves, fit_range: tuple[int, int], fit: DecayFit, power: Power
     """Name the decay's shape from the samples: exponential, power_law, none or undetermined.
 
     - one sample: `undetermined` (shapes and intervals need ≥ 2 samples);
-    - `none` when the curve rises (the rate's or the exponent's interval on the rising side) or when neither the
-      exponential rate nor the power-law exponent is detected as decaying ("not detected, would need > X");
+    - `none` when neither the exponential rate nor the power-law exponent is detected as decaying: "rises" when
+      either interval lies on the rising side, else "not detected, would need > X"; `undetermined` when one
+      falls and the other rises (not monotone over the window);
     - otherwise the shape with the lowest held-out error (heldout_errors), provided it predicts at least
       WIN_SHARE of the held-out samples better than each rival and its own decay is detected; else `undetermined`
       (the samples cannot separate the shapes).
@@ -313,11 +314,15 @@ def select_shape(curves, fit_range: tuple[int, int], fit: DecayFit, power: Power
     exp_decays = fit.verdict == DECAYS
     pw = power.exponent_ci95
     pow_decays, pow_rises = pw is not None and pw[1] < 0, pw is not None and pw[0] > 0
-    if fit.verdict == RISES or pow_rises:
-        return ShapeChoice(NONE, "no decay: the influence rises with distance over the window")
+    rises = fit.verdict == RISES or pow_rises
     if not exp_decays and not pow_decays:
+        if rises:
+            return ShapeChoice(NONE, "no decay: the influence rises with distance over the window")
         need = f" (would need a rate > {fit.detectable:.2g}/token)" if fit.detectable else ""
         return ShapeChoice(NONE, f"no decay detected: the rate's interval includes 0{need}")
+    if rises:  # one fit falls while the other rises: the curve is not monotone over the window
+        return ShapeChoice(UNDETERMINED, "the exponential and power-law fits disagree on the direction (the "
+                                         "curve rises and falls within the window)")
     errors = heldout_errors(curves, fit_range)
     keep = np.isfinite(errors).all(1)
     errors = errors[keep]
