@@ -131,6 +131,16 @@ def test_rising_and_undetectable_curves_are_none_with_the_reason():
     assert choice.shape == NONE and "would need a rate >" in choice.reason and fit.detectable > 0
 
 
+def test_a_hump_is_undetermined():
+    """I ∝ d²·exp(−0.024·d): rises near, falls far. The exponential fit falls, the power law rises: no one shape."""
+    y = 2 * np.log10(np.maximum(D, 1.0)) - 0.024 * D / math.log(10)
+    curves = y + np.random.default_rng(8).normal(0, 0.01, (4, L))
+    fit, power = fit_decay(curves, WINDOW), fit_power_law(curves, WINDOW)
+    assert fit.verdict == "decays" and power.exponent_ci95[0] > 0
+    choice = select_shape(curves, WINDOW, fit, power)
+    assert choice.shape == UNDETERMINED and "disagree on the direction" in choice.reason
+
+
 def test_ratio_is_paired_by_sample():
     """Two models share each sample's random slope (the same input): the paired ratio cancels it exactly."""
     rng = np.random.default_rng(6)
