@@ -209,3 +209,12 @@ def test_a_failed_pair_step_is_retried_per_model_and_resume_reruns_only_what_fai
     _, again = run_report(cfg, tmp_path, _fake_runner(calls), resume=folder)
     assert [c[0] for c in calls] == ["length"] and calls[0][1] == "m1"  # only the failed step runs again
     assert [s["name"] for s in again["steps"]] == [s["name"] for s in index["steps"]]
+
+
+def test_every_budget_has_flags_for_every_diagnostic():
+    from ssmdiag.options import Budget
+    from ssmdiag.report.registry import BUDGETS, registry
+
+    assert [b.value for b in Budget] == list(BUDGETS)
+    for d in registry():
+        assert set(d.flags) == set(BUDGETS) and set(d.estimate_s) == set(BUDGETS), d.key

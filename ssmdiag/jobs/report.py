@@ -146,7 +146,9 @@ def run_report(cfg: ReportConfig, out: Path, runner: Runner, resume: Path | None
         released = _run_step(step, folder, runner)
         console.set_quiet(cfg.quiet)  # a step's command sets the quiet flag for itself
         if released:  # a failed step's clean-up released the report's own folder too: take it back
-            run = start_run(out, "report", cfg.models, config=vars(cfg), seed=cfg.seed, resume=folder)
+            started, run = run.started, start_run(out, "report", cfg.models, config=vars(cfg), seed=cfg.seed,
+                                                  resume=folder)
+            run.started = started
         state = "done" if step["status"] == "done" else f"gap: {step.get('error')}"
         console.log(f"[{i}/{len(steps)}] {step['name']} {state} ({step['seconds']:.1f} s)")
         if step["status"] == "failed" and len(step["models"]) == 2 and not step.get("crashed"):

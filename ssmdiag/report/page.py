@@ -26,13 +26,20 @@ class Part:
     section: Section
     provenance: list[dict[str, Any]] = field(default_factory=list)
     gaps: list[str] = field(default_factory=list)  # steps that failed or could not be read
+    gap_models: list[list[str]] = field(default_factory=list)  # per gap: the model specs of its step ([]: all)
 
     def headline(self, model: str) -> Headline:
-        """The model's headline, or a gap saying why there is none."""
+        """The model's headline, or a gap saying why there is none (the gaps of the steps that ran it)."""
         if model in self.section.headlines:
             return self.section.headlines[model]
-        why = "; ".join(self.gaps) or "its run says nothing about this model"
-        return Headline("no result", why, gap=True)
+        mine = [g for g, specs in zip(self.gaps, self.gap_models + [[]] * len(self.gaps))
+                if not specs or any(_same_model(s, model) for s in specs)]
+        return Headline("no result", "; ".join(mine) or "its run says nothing about this model", gap=True)
+
+
+def _same_model(spec: str, name: str) -> bool:
+    """Whether a model spec (preset, hub id, folder) is the model a run calls `name`."""
+    return spec == name or Path(str(spec).rstrip("/")).name == name
 
 
 @dataclass
@@ -100,15 +107,17 @@ def build_page(steps: list[dict[str, Any]], models: list[str], meta: dict[str, A
     parts, dates = [], set()
     for diag in registry():
         mine = [s for s in steps if s.get("key") == diag.key]
-        runs, gaps, prov = [], [], []
+        runs, gaps, prov, gap_models = [], [], [], []
         for s in mine:
             if s.get("status") != "done":
                 gaps.append(s.get("error") or f"the {diag.command} step has not run ({s.get('status')})")
+                gap_models.append(list(s.get("models") or []))
                 continue
             try:
                 doc = load_result(s["run_dir"])
             except ValueError as exc:
                 gaps.append(str(exc))
+                gap_models.append(list(s.get("models") or []))
                 continue
             runs.append((doc, s["run_dir"]))
             prov.append(_provenance(doc, s["run_dir"]))
@@ -117,7 +126,8 @@ def build_page(steps: list[dict[str, Any]], models: list[str], meta: dict[str, A
             gaps.append(f"no {diag.command} run was given" if meta.get("source") == "from" else
                         f"{diag.command} is not part of this budget")
         section, read_gaps = _read(diag, runs, models) if runs else (Section(), [])
-        parts.append(Part(diag, section, prov, gaps + read_gaps))
+        gap_models += [[] for _ in range(len(gaps) - len(gap_models))]  # page-wide gaps concern every model
+        parts.append(Part(diag, section, prov, gaps + read_gaps, gap_models + [[] for _ in read_gaps]))
     notes = list(meta.get("notes") or [])
     dates.discard("")
     if len(dates) > 1:

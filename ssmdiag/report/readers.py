@@ -203,7 +203,7 @@ def _ratio_of_ratios(a: str, b: str, c: dict) -> str:
     where = side(interval, 1.0)
     says = c.get("text") or ("higher" if where > 0 else "lower" if where < 0 else "not detected")
     return (f"k={c.get('length')}: {a}'s trailing/leading ratio is {num(value, 2)}× {b}'s {ci(interval)} "
-            f"({says})")
+            f"— {says}")
 
 
 # --- smooth ------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def registry() -> list[Diagnostic]:
             {"quick": ["--seq-len", "256", "--samples", "3", "--per-layer"],
              "standard": ["--seq-len", "512", "--samples", "4", "--per-layer"],
              "full": ["--seq-len", "1024", "--samples", "8", "--per-layer"]},
-            readers.read_influence, estimate_s={"quick": 12, "standard": 60, "full": 300}),
+            readers.read_influence, estimate_s={"quick": 30, "standard": 80, "full": 300}),
         Diagnostic(
             "robust", "robust", "Fragility: corrupting the first vs the last tokens", "robust.md",
             "How much more corrupting the last k tokens changes the next-token output than corrupting the first k "
@@ -92,7 +92,7 @@ def registry() -> list[Diagnostic]:
             {"quick": ["--seq-len", "256", "--samples", "3"],
              "standard": ["--seq-len", "1024", "--samples", "4"],
              "full": ["--seq-len", "1024", "--samples", "8", "--sweep"]},
-            readers.read_robust, estimate_s={"quick": 12, "standard": 60, "full": 180}),
+            readers.read_robust, estimate_s={"quick": 15, "standard": 80, "full": 240}),
         Diagnostic(
             "smooth", "smooth", "Over-smoothing: sharpness across depth", "smooth.md",
             "The per-layer change of the block outputs' scale-free sharpness (how distinct token representations "
@@ -101,7 +101,7 @@ def registry() -> list[Diagnostic]:
             {"quick": ["--seq-len", "128", "--samples", "3"],
              "standard": ["--seq-len", "256", "--samples", "4"],
              "full": ["--seq-len", "512", "--samples", "8"]},
-            readers.read_smooth, estimate_s={"quick": 12, "standard": 40, "full": 150}),
+            readers.read_smooth, estimate_s={"quick": 15, "standard": 80, "full": 300}),
         Diagnostic(
             "needle", "needle", "Retrieval: needle in a haystack", "needle.md",
             "Whether the model repeats a counterfactual fact planted at a given depth of a long context "
@@ -111,16 +111,16 @@ def registry() -> list[Diagnostic]:
              "standard": ["--lengths", "1k,2k", "--depths", "5x"],
              "full": ["--lengths", "1k,2k,4k", "--depths", "11x", "--samples", "2"]},
             readers_more.read_needle, per_model=True, text_flag="--haystack",
-            estimate_s={"quick": 8, "standard": 60, "full": 400}),
+            estimate_s={"quick": 8, "standard": 50, "full": 400}),
         Diagnostic(
             "length", "length", "Past the training length", "length.md",
             "Loss by position with the training length marked, state health and effective remembrance: whether "
             "the model holds past the length it was trained on. The verdict names the first position bucket "
             "worse than the in-range loss beyond its interval, if any.",
             {"quick": ["--lengths", "512", "--samples", "3", "--no-remembrance"],
-             "standard": ["--lengths", "1k,2k", "--samples", "3"],
+             "standard": ["--lengths", "2k", "--samples", "3"],
              "full": ["--lengths", "1k,2k,4k,8k", "--samples", "4"]},
-            readers_more.read_length, estimate_s={"quick": 12, "standard": 240, "full": 900},
+            readers_more.read_length, estimate_s={"quick": 18, "standard": 120, "full": 900},
             accepts=("--train-len",)),
     ]
 
