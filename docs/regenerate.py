@@ -137,8 +137,16 @@ def run(command: str, scratch: Path, timeout: int) -> tuple[str, Path | None]:
 
 
 def split_tables(markdown: str) -> list[str]:
-    """The markdown tables (each with its bold title line) of a command's stdout."""
-    return [t.strip() for t in re.split(r"\n\s*\n(?=\*\*|\|)", markdown.strip()) if t.strip().startswith(("**", "|"))]
+    """The markdown tables of a command's stdout, each with its bold title line when it has one."""
+    chunks = [c.strip() for c in re.split(r"\n\s*\n", markdown.strip()) if c.strip()]
+    tables, title = [], None
+    for c in chunks:
+        if c.startswith("**") and "\n" not in c:
+            title = c
+        elif c.startswith("|"):
+            tables.append(f"{title}\n\n{c}" if title else c)
+            title = None
+    return tables
 
 
 def headers(markdown: str) -> list[str]:

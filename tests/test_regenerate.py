@@ -61,3 +61,10 @@ def test_every_marker_in_the_docs_parses():
     for path in regen.doc_files(None):
         for block in regen.find_blocks(path):
             assert block.command and block.end > block.start, block.label()
+
+
+def test_split_tables_keeps_each_title_with_its_table():
+    text = "**A**\n\n| a |\n| --- |\n| 1 |\n\n**B**\n\n| b |\n| --- |\n| 2 |\n\n| c |\n| --- |\n| 3 |\n"
+    tables = regen.split_tables(text)
+    assert len(tables) == 3 and tables[0].startswith("**A**") and "| 1 |" in tables[0]
+    assert tables[1].startswith("**B**") and tables[2].startswith("| c |")
