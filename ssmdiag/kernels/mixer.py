@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backend import resolve_backend
+from .delta_mixer import DELTA_KINDS, gated_delta_mixer
 from .mixers import (LayerRecord, MixerState, Recorder, mamba1_mixer, mamba2_mixer,  # noqa: F401
                      zamba_mixer)
 
@@ -33,8 +34,8 @@ from .mixers import (LayerRecord, MixerState, Recorder, mamba1_mixer, mamba2_mix
 MIXER_KINDS = {"MambaMixer": "mamba1", "FalconMambaMixer": "mamba1", "JambaMambaMixer": "mamba1",
                "ZambaMambaMixer": "zamba", "Mamba2Mixer": "mamba2", "BambaMixer": "mamba2",
                "FalconH1Mixer": "mamba2", "GraniteMoeHybridMambaLayer": "mamba2", "NemotronHMamba2Mixer": "mamba2",
-               "Zamba2MambaMixer": "mamba2"}
-_COMPUTE = {"mamba1": mamba1_mixer, "zamba": zamba_mixer, "mamba2": mamba2_mixer}
+               "Zamba2MambaMixer": "mamba2", **{name: "delta" for name in DELTA_KINDS}}
+_COMPUTE = {"mamba1": mamba1_mixer, "zamba": zamba_mixer, "mamba2": mamba2_mixer, "delta": gated_delta_mixer}
 
 
 # --- state ------------------------------------------------------------------------------------------------
@@ -56,11 +57,15 @@ _cache_carries: "weakref.WeakKeyDictionary[object, StateCarry]" = weakref.WeakKe
 
 
 def find_mixers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module, str]]:
-    """[(layer index, mixer, kind "mamba1" | "zamba" | "mamba2")] in model order."""
+    """[(layer index, mixer, kind "mamba1" | "zamba" | "mamba2" | "delta")] in model order.
+
+    A gated-delta-rule layer ("delta", kernels/delta_mixer.py) keeps A_log on itself or, Kimi-style, on its
+    forget_gate.
+    """
     found = []
     for module in model.modules():
         kind = MIXER_KINDS.get(type(module).__name__)
-        if kind is not None and hasattr(module, "A_log"):
+        if kind is not None and (hasattr(module, "A_log") or hasattr(getattr(module, "forget_gate", None), "A_log")):
             found.append((int(getattr(module, "layer_idx", len(found))), module, kind))
     return found
 
@@ -82,7 +87,7 @@ def install(model: torch.nn.Module, backend: str = "auto") -> str:
         mixer._ssmdiag_kind = kind
         mixer.forward = types.MethodType(_mixer_forward, mixer)  # shadows the class's forward
     device = next(model.parameters()).device
-    return resolve_backend(backend, device, None, op="ssd" if mixers[0][2] == "mamba2" else "selective")
+    return resolve_backend(backend, device, None, op="ssd" if mixers[0][2] in ("mamba2", "delta") else "selective")
 
 
 def installed_backend(model: torch.nn.Module) -> str | None:
