@@ -17,6 +17,9 @@ from ..options import (DEFAULT_OUT, Aggregate, Backend, BackendOpt, DeviceMapOpt
 from ..parse import parse_fit_range, parse_targets
 from ..plots.influence import plot_influence, plot_per_layer, plot_ratio
 from ..results import start_run
+from ..metrics.checkpoint import checkpoint_blocks
+from ..options import CheckpointOpt, DryRunOpt
+from . import _dryrun
 from ._report import influence_tables
 
 Opt = typer.Option
@@ -41,6 +44,7 @@ def main(
     init: InitOpt = Init.pretrained, seed: SeedOpt = 0, dtype: DtypeOpt = Dtype.auto, device: DeviceOpt = "auto",
     device_map: DeviceMapOpt = None, tokenizer: TokenizerOpt = None, trust_remote_code: TrustRemoteCodeOpt = False,
     backend: BackendOpt = Backend.auto, out: OutOpt = DEFAULT_OUT, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    checkpoint: CheckpointOpt = None, dry_run: DryRunOpt = False,
 ) -> None:
     """Influence-score decay (paper Thm 3.1, Fig. 1 and 7): per-distance curves, the decay's shape, plots."""
     console.set_quiet(quiet)
@@ -49,9 +53,13 @@ def main(
     cfg = InfluenceConfig(seq_len=seq_len, samples=samples, targets=target_list, estimator=estimator.value,
                           probes=probes, output=output.value, fit_range=parse_fit_range(fit_range, min(target_list)),
                           statistic=aggregate.value, grad_dtype=grad_dtype.value, per_layer=per_layer, seed=seed)
-    loaded = load_models(models, LoadOptions(init=init.value, dtype=dtype.value, device=device, device_map=device_map,
-                                             tokenizer=tokenizer, seed=seed, trust_remote_code=trust_remote_code,
-                                             backend=backend.value))
+    opts = LoadOptions(init=init.value, dtype=dtype.value, device=device, device_map=device_map, tokenizer=tokenizer,
+                       seed=seed, trust_remote_code=trust_remote_code, backend=backend.value)
+    cost = dict(seq_len=seq_len, targets=len(target_list), output=output.value,
+                draws=probes if estimator is Estimator.jacobian else 1)
+    if dry_run:
+        return _dryrun.dry_run("influence", models, opts, out, as_json, samples, vars(cfg), checkpoint=checkpoint, **cost)
+    loaded = load_models(models, opts)
     check_seq_len(seq_len, [m.adapter.max_positions() for m in loaded])
     tokenizers = [require_tokenizer(m) for m in loaded] if text else None
     inputs, inputs_note = token_inputs([m.adapter.embedding().num_embeddings for m in loaded], tokenizers, text,
@@ -63,7 +71,11 @@ def main(
     for m, ids in zip(loaded, inputs):
         if per_layer and not m.adapter.is_ssm:
             console.note(run, f"--per-layer skipped for {m.name}: no SSM layers ({m.family})")
-        with run.phase(f"influence {m.name}"), console.progress(f"influence {m.name}", samples) as advance:
+        ckpt, why = _dryrun.plan_checkpoint(m, checkpoint, **cost)
+        if why:
+            console.note(run, why)
+        with run.phase(f"influence {m.name}"), console.progress(f"influence {m.name}", samples) as advance, \
+                checkpoint_blocks(m.adapter, ckpt):
             res, lv, upcast = measure_influence(m, ids, cfg, on_sample=advance)
         if upcast:
             console.note(run, f"{m.name}: {upcast}")

@@ -19,6 +19,8 @@ from ..parse import parse_depths, parse_lengths
 from ..plots.needle import plot_by_depth, plot_heatmap
 from ..results import check_resume_dir
 from ..runtime import distributed
+from ..options import DryRunOpt
+from . import _dryrun
 
 Opt = typer.Option
 
@@ -39,7 +41,7 @@ def main(
     resume: Annotated[Optional[Path], Opt(help="Finish the run in RUN_DIR, skipping its done cells.")] = None,
     init: InitOpt = "pretrained", seed: SeedOpt = 0, dtype: DtypeOpt = "auto", device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None, trust_remote_code: TrustRemoteCodeOpt = False, backend: BackendOpt = "auto",
-    out: OutOpt = DEFAULT_OUT, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    out: OutOpt = DEFAULT_OUT, as_json: JsonOpt = False, quiet: QuietOpt = False, dry_run: DryRunOpt = False,
 ) -> None:
     """Plant needles at depths × lengths; score greedy answers, log-prob preference and answer rank."""
     t_start = time.perf_counter()
@@ -51,8 +53,14 @@ def main(
     resume = check_resume_dir(resume, "needle", GRID_FILE) if resume is not None else None
     if dist.world > 1 and device == "auto" and dist.state.device.type == "cuda":
         device = str(dist.state.device)  # one GPU per process
-    loaded = load_models([model], LoadOptions(init=init, dtype=dtype, device=device, tokenizer=tokenizer, seed=seed,
-                                              trust_remote_code=trust_remote_code, backend=backend))[0]
+    opts = LoadOptions(init=init, dtype=dtype, device=device, tokenizer=tokenizer, seed=seed,
+                       trust_remote_code=trust_remote_code, backend=backend)
+    if dry_run:  # cells = lengths × depths × samples
+        cells = len(cfg.lengths) * len(cfg.depths) * samples
+        return _dryrun.dry_run("needle", [model], opts, out, as_json, cells, {"lengths": cfg.lengths, "depths": cfg.depths,
+                               "cells": cells}, lengths=tuple(cfg.lengths), prefill_chunk=prefill_chunk,
+                               max_new_tokens=max_new_tokens, cells=cells)
+    loaded = load_models([model], opts)[0]
     result = run_needle(loaded, cfg, out, resume, dist, started=t_start)
     if result is None:  # another process: its cells are in cells.jsonl; the main process reports
         return

@@ -19,6 +19,8 @@ from ..options import (DEFAULT_OUT, Backend, BackendOpt, Channels, DeviceOpt, Dt
                        SeqLenOpt, TokenizerOpt, Trainable, TrustRemoteCodeOpt)
 from ..parse import parse_counts
 from ..runtime import set_threads
+from ..options import DryRunOpt
+from . import _dryrun
 
 Opt = typer.Option
 
@@ -55,7 +57,7 @@ def main(
     jobs: Annotated[Optional[int], Opt(min=1, help="Grid cells trained at once in CPU processes (cpu preset: 2).")] = None,
     init: InitOpt = Init.pretrained, seed: SeedOpt = 0, dtype: DtypeOpt = Dtype.auto, device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None, trust_remote_code: TrustRemoteCodeOpt = False, backend: BackendOpt = Backend.auto,
-    out: OutOpt = DEFAULT_OUT, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    out: OutOpt = DEFAULT_OUT, as_json: JsonOpt = False, quiet: QuietOpt = False, dry_run: DryRunOpt = False,
 ) -> None:
     """Polarize state channels (Wang et al., ICLR 2025, §6): patch, fine-tune, or train the Table 2 grid."""
     console.set_quiet(quiet)
@@ -63,6 +65,8 @@ def main(
     if model is None and not train:
         raise SsmdiagError("give a MODEL to polarize, or --train without a model to run the MQAR grid",
                            hint="e.g. ssmdiag polarize state-spaces/mamba-130m-hf")
+    if dry_run and (model is None or not train):
+        raise SsmdiagError("--dry-run estimates fine-tuning a model", hint="use it as polarize MODEL --train --dry-run")
     pairs_list = list(parse_counts(test_pairs, "--test-pairs", "16,32,64") or []) or None
     if model is None:
         if layers is not None:
@@ -80,5 +84,8 @@ def main(
         tune = FinetuneConfig(task.value, text, steps, lr, batch_size, trainable.value, seq_len, pairs,
                               pairs_list, (recipe or Recipe.hf).value, filler.value) if train else None
         cfg = PatchConfig(model, load, channels.value, mode.value, layers, seed, tune)
+        if dry_run:  # fine-tuning: the defaults are 200 steps of batch 16 (jobs.polarize)
+            return _dryrun.dry_run("polarize-train", [model], load, out, as_json, steps or 200, {"seq_len": seq_len},
+                                   seq_len=seq_len, batch_size=batch_size or 16)
         doc, tables = run_patch(load_models([model], load)[0], cfg, out, resume)
     console.emit(doc, tables, as_json=as_json)

@@ -18,6 +18,8 @@ from ..parse import parse_region_lengths, parse_regions
 from ..plots.robust import plot_robust
 from ..results import start_run
 from ._load import load_models
+from ..options import DryRunOpt
+from . import _dryrun
 from ._report_robust import robust_notes, robust_table
 
 Opt = typer.Option
@@ -38,7 +40,7 @@ def main(
     text: TextOpt = None, init: InitOpt = Init.pretrained, seed: SeedOpt = 0, dtype: DtypeOpt = Dtype.auto,
     device: DeviceOpt = "auto", device_map: DeviceMapOpt = None, tokenizer: TokenizerOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False, backend: BackendOpt = Backend.auto, out: OutOpt = DEFAULT_OUT,
-    as_json: JsonOpt = False, quiet: QuietOpt = False,
+    as_json: JsonOpt = False, quiet: QuietOpt = False, dry_run: DryRunOpt = False,
 ) -> None:
     """Corrupt the leading vs the trailing k tokens (random ids, embedding noise or a donor's tokens) and compare."""
     console.set_quiet(quiet)
@@ -51,9 +53,12 @@ def main(
     cfg = RobustConfig(seq_len=seq_len, samples=samples, lengths=parse_region_lengths(lengths, seq_len),
                        regions=parse_regions(regions, seq_len), corruption=corruption.value, noise_scale=noise_scale,
                        positions=positions, sweep=sweep, seed=seed)
-    loaded = load_models(models, LoadOptions(init=init.value, dtype=dtype.value, device=device, device_map=device_map,
-                                             tokenizer=tokenizer, seed=seed, trust_remote_code=trust_remote_code,
-                                             backend=backend.value))
+    opts = LoadOptions(init=init.value, dtype=dtype.value, device=device, device_map=device_map, tokenizer=tokenizer,
+                       seed=seed, trust_remote_code=trust_remote_code, backend=backend.value)
+    if dry_run:
+        return _dryrun.dry_run("robust", models, opts, out, as_json, samples, vars(cfg), seq_len=seq_len,
+                               regions=len(plan_regions(cfg)))
+    loaded = load_models(models, opts)
     check_seq_len(seq_len + (1 if text else 0), [m.adapter.max_positions() for m in loaded])
     vocabs = [m.adapter.embedding().num_embeddings for m in loaded]
     cfg.vocab = shared_vocab(vocabs)

@@ -17,6 +17,8 @@ from ..options import (DEFAULT_OUT, Backend, BackendOpt, DeviceOpt, Dtype, Dtype
                        TrustRemoteCodeOpt)
 from ..plots.smooth import plot_sharpness, plot_spectrum
 from ..results import start_run
+from ..options import DryRunOpt
+from . import _dryrun
 from ._report import smooth_notes, smooth_table
 from ._report_layers import smooth_layer_tables
 
@@ -32,13 +34,17 @@ def main(
                                             "SSMs).")] = None,
     init: InitOpt = Init.pretrained, seed: SeedOpt = 0, dtype: DtypeOpt = Dtype.auto, device: DeviceOpt = "auto",
     tokenizer: TokenizerOpt = None, trust_remote_code: TrustRemoteCodeOpt = False, backend: BackendOpt = Backend.auto,
-    out: OutOpt = DEFAULT_OUT, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    out: OutOpt = DEFAULT_OUT, as_json: JsonOpt = False, quiet: QuietOpt = False, dry_run: DryRunOpt = False,
 ) -> None:
     """Sharpness (pairwise token distances) at every block, memory-state / input ratios, and the Ā spectrum."""
     console.set_quiet(quiet)
     check_seq_len(seq_len, [])
-    loaded = load_models(models, LoadOptions(init=init.value, dtype=dtype.value, device=device, tokenizer=tokenizer,
-                                             seed=seed, trust_remote_code=trust_remote_code, backend=backend.value))
+    opts = LoadOptions(init=init.value, dtype=dtype.value, device=device, tokenizer=tokenizer, seed=seed,
+                       trust_remote_code=trust_remote_code, backend=backend.value)
+    if dry_run:
+        return _dryrun.dry_run("smooth", models, opts, out, as_json, samples, {"seq_len": seq_len, "samples": samples,
+                               "pairs": pairs}, seq_len=seq_len, pairs=pairs)
+    loaded = load_models(models, opts)
     check_seq_len(seq_len, [m.adapter.max_positions() for m in loaded])
     tokenizers = [require_tokenizer(m) for m in loaded] if text else None
     inputs, _ = token_inputs([m.adapter.vocab_size for m in loaded], tokenizers, text, seq_len, samples, seed)

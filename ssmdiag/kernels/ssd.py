@@ -29,6 +29,12 @@ from .backend import count_scan, engine_label, resolve_backend, torch_engine
 from .ref import compute_dtype, normalize_positions, ssd_scan_ref, ssd_step_sizes
 
 
+# Bytes one block of positions' intermediate may take when states at positions are requested (chunked engine):
+# smooth at 16k tokens on a 7B Mamba-2 would otherwise build a (k, q, d) tensor of tens of GB.  Blocks change
+# only the order of work, not a number (tests/test_estimate.py).
+STATE_BLOCK_BYTES = 1 << 30
+
+
 def _segsum(a: torch.Tensor) -> torch.Tensor:
     """S[..., t, s] = sum_{s<j<=t} a[..., j] for t >= s, -inf above the diagonal.  a: (..., q)."""
     q = a.shape[-1]
@@ -79,13 +85,21 @@ def _ssd_chunked(x, dt, A, B, C, h0, chunk_size, return_states):
         states = inner + since[..., None, None] * starts[:, :, None]
         return y, states.reshape(bsz, nc * q, heads, hdim, nstate)[:, :length]
     pos = normalize_positions(return_states, length).to(x.device)
+    # positions in blocks: one block's (b, k, q, g, r, p) intermediate stays under STATE_BLOCK_BYTES
+    block = max(1, STATE_BLOCK_BYTES // max(1, bsz * q * heads * hdim * xd.element_size()))
+    parts = [_states_at(pos[i:i + block], q, decay, xd, Bc, since, starts) for i in range(0, len(pos), block)]
+    states = torch.cat(parts, dim=1) if parts else xd.new_zeros(bsz, 0, groups, r, hdim, nstate)
+    return y, states.reshape(bsz, len(pos), heads, hdim, nstate)
+
+
+def _states_at(pos, q, decay, xd, Bc, since, starts):
+    """States at positions pos (k,): the intra-chunk part plus the decayed chunk-start state, (b, k, g, r, p, n)."""
     ci, qi = pos // q, pos % q
     rows = decay.permute(1, 4, 0, 2, 3, 5)[ci, qi]  # (k, b, g, r, q): decay from s to position t
     xw = xd[:, ci] * rows.permute(1, 0, 4, 2, 3)[..., None]  # (b, k, q, g, r, p)
     inner = torch.einsum("bksgn,bksgrp->bkgrpn", Bc[:, ci], xw)
     fac = since.permute(1, 2, 0, 3, 4)[ci, qi].transpose(0, 1)  # (b, k, g, r)
-    states = inner + fac[..., None, None] * starts[:, ci]
-    return y, states.reshape(bsz, len(pos), heads, hdim, nstate)
+    return inner + fac[..., None, None] * starts[:, ci]
 
 
 def _check_ssd(x, dt, A, B, C, D, z, dt_bias, initial_state):
