@@ -117,6 +117,7 @@ def _run_step(step: dict, folder: Path, runner: Runner) -> bool:
 
 def run_report(cfg: ReportConfig, out: Path, runner: Runner, resume: Path | None = None) -> tuple[Path, dict]:
     """Run (or resume) a report; returns its folder and index. Budget steps run in registry order."""
+    console.set_quiet(cfg.quiet)
     if resume is not None:
         folder = Path(resume)
         try:

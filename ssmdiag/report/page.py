@@ -34,7 +34,7 @@ class Part:
             return self.section.headlines[model]
         mine = [g for g, specs in zip(self.gaps, self.gap_models + [[]] * len(self.gaps))
                 if not specs or any(_same_model(s, model) for s in specs)]
-        return Headline("no result", "; ".join(mine) or "its run says nothing about this model", gap=True)
+        return Headline("no result", "; ".join(mine) or "its run holds nothing the report can read for this model", gap=True)
 
 
 def _same_model(spec: str, name: str) -> bool:

@@ -147,14 +147,15 @@ def render_markdown(page: Page, folder: Path) -> str:
     out = [f"# {page.title}", "", f"budget {page.meta.get('budget') or 'mixed / existing runs'}; made "
            f"{page.meta.get('created_utc')}; ssmdiag {page.meta.get('version')}", ""]
     out.extend(f"> Note: {n}" for n in page.notes)
-    out += ["", "## At a glance", "", "| diagnostic | " + " | ".join(page.models) + " | comparison |",
-            "| --- | " + " | ".join("---" for _ in page.models) + " | --- |"]
+    two = len(page.models) == 2
+    out += ["", "## At a glance", "", "| diagnostic | " + " | ".join(page.models) + (" | comparison |" if two else " |"),
+            "| --- | " + " | ".join("---" for _ in page.models) + (" | --- |" if two else " |")]
     for part in page.parts:
         if part.diagnostic.headline:
             cells = [f"{_md_cell(part.headline(m).verdict)} — {_md_cell(part.headline(m).reading)}"
                      for m in page.models]
             out.append(f"| [{part.diagnostic.title}](#{part.diagnostic.key}) | " + " | ".join(cells) +
-                       f" | {_md_cell(part.section.comparison or '')} |")
+                       (f" | {_md_cell(part.section.comparison or '')} |" if two else " |"))
     for part in page.parts:
         d, s = part.diagnostic, part.section
         out += ["", f'<a id="{d.key}"></a>', f"## {d.title}", "", f"{d.meaning} ([docs/{d.doc}]({doc_link(d)}))", ""]
