@@ -9,6 +9,7 @@ from run folders that already exist.
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import time
@@ -209,8 +210,6 @@ def _model_names(steps: list[dict], specs: list[str]) -> list[str]:
 
 def load_index(folder: Path) -> dict:
     """report.json of a report folder (ValueError when it is not one)."""
-    import json
-
     path = Path(folder) / INDEX
     if not path.is_file():
         raise ValueError(f"'{folder}' is not a report folder (no {INDEX})")
