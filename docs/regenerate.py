@@ -133,7 +133,7 @@ def run(command: str, scratch: Path, timeout: int) -> tuple[str, Path | None]:
         tail = "\n".join(proc.stderr.strip().splitlines()[-8:])
         raise RuntimeError(f"exit {proc.returncode}: {command}\n{tail}")
     runs = sorted(scratch.rglob("result.json"), key=lambda p: p.stat().st_mtime)
-    return proc.stdout, (runs[-1].parent if runs else None)
+    return proc.stdout.replace(str(scratch), "runs"), (runs[-1].parent if runs else None)  # the path a user sees
 
 
 def split_tables(markdown: str) -> list[str]:
