@@ -108,8 +108,8 @@ def registry() -> list[Diagnostic]:
             "(accuracy), and how much more likely the context's answer is than the model's memorised one "
             "(Δ log P > 0: the context wins).",
             {"quick": ["--lengths", "512", "--depths", "3x"],
-             "standard": ["--lengths", "1k,2k", "--depths", "5x"],
-             "full": ["--lengths", "1k,2k,4k", "--depths", "11x", "--samples", "2"]},
+             "standard": ["--lengths", "1k,2000", "--depths", "5x"],  # 2000 + 16 new tokens: within Pythia's 2048
+             "full": ["--lengths", "1k,2000", "--depths", "11x", "--samples", "2"]},
             readers_more.read_needle, per_model=True, text_flag="--haystack",
             estimate_s={"quick": 8, "standard": 50, "full": 400}),
         Diagnostic(
