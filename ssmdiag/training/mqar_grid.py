@@ -163,7 +163,11 @@ def distance_edges(test_len: int) -> list[int]:
 
 @dataclass
 class CellResult:
-    """One trained grid cell: accuracy per test KV count, their mean, accuracy by distance, training record."""
+    """One trained grid cell: accuracy per test KV count, their mean, recall by key–query distance, training record.
+
+    by_distance_kv: test KV count -> its distance bins [{lo, hi, n, acc}] (what the summary uses); by_distance:
+    the same bins with the KV counts pooled, raw data only (it confounds distance with KV count).
+    """
 
     variant: str
     layers: int
