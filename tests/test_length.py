@@ -278,3 +278,11 @@ def test_length_windows_from_prose_text_or_ids(tiny_tokenizer_dir, tmp_path):
     assert ids.shape == (2, 32) and str(text) in where
     ids, where, fell = length_windows(None, None, 16, 2, 0, 384)
     assert fell and ids.shape == (2, 16) and int(ids.max()) < 384
+
+
+def test_one_sample_never_claims_the_loss_holds(tiny_mamba_dir):
+    m = _load(tiny_mamba_dir)
+    ids = torch.randint(3, 300, (1, 128), generator=torch.Generator().manual_seed(0))
+    res = measure_length(m, ids, LengthConfig(lengths=[128], samples=1, chunk=64, remembrance=False), 32, "test")
+    assert "not judged" in res.verdict and "holds" not in res.verdict
+    assert all(c["verdict"] == "no interval" for c in res.comparisons)

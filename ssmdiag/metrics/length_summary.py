@@ -114,10 +114,10 @@ def verdict(res, max_len: int) -> str:
     if res.first_worse:
         w = res.first_worse
         head = f"loss rises past {tokens(train)} (positions {tokens(w['lo'])}–{tokens(w['hi'])}: +{w['difference']:.3g})"
-    elif max_len > train and res.reference and res.comparisons:
+    elif max_len > train and res.comparisons and all(c["verdict"] != "no interval" for c in res.comparisons):
         head = f"holds to {max_len / train:.3g}× its training length (no later bucket worse beyond its interval)"
     elif max_len > train:
-        head = "loss past the training length: no interval to judge it (needs ≥ 2 samples)"
+        head = f"loss past {tokens(train)} not judged (one sample: no interval; use --samples 2 or more)"
     else:
         head = f"all lengths within the training length ({tokens(train)})"
     grown = [r for r in res.state_rms if r["growth"] and r["growth"] >= GROWTH_FLAG and max_len > train]
