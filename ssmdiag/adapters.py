@@ -18,6 +18,10 @@ SSM_FAMILIES = ("mamba", "mamba2", "falcon_mamba")  # pure SSMs: every block is 
 HYBRID_FAMILIES = {"bamba": "mamba2", "falcon_h1": "mamba2", "granitemoehybrid": "mamba2", "nemotron_h": "mamba2",
                    "zamba2": "mamba2", "jamba": "mamba1", "zamba": "mamba1"}
 MAMBA_FAMILIES = SSM_FAMILIES + tuple(HYBRID_FAMILIES)
+# gated-delta-rule families (kernels/delta_mixer.py computes their layers: ssm_kind "delta"); a multimodal type and
+# its `_text` twin load the same layers
+DELTA_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "olmo_hybrid",
+                  "kimi_linear", "bailing_hybrid", "lara_mini", "qwen4_exp", "qwen4_exp_text")
 _M1 = {"state": "mamba_d_state", "dt_rank": "mamba_dt_rank", "expand": "mamba_expand"}
 _M2 = {"state": "mamba_d_state", "heads": "mamba_n_heads", "head_dim": "mamba_d_head", "groups": "mamba_n_groups",
        "expand": "mamba_expand"}
@@ -35,13 +39,26 @@ SSM_CONFIG_KEYS = {
                "groups": "mamba_ngroups", "expand": "mamba_expand"},
     "jamba": _M1, "zamba": _M1,
 }  # every family whose SSM layers ssmdiag sees
-SUPPORTED_FAMILIES = MAMBA_FAMILIES + ("gpt_neox",)
-# where a block keeps its SSM mixer / its attention, per family layout (first match wins)
+SUPPORTED_FAMILIES = MAMBA_FAMILIES + DELTA_FAMILIES + ("gpt_neox",)
+# where a block keeps its SSM mixer / its attention, per family layout (first match wins); a delta-rule layer sits
+# at .linear_attn (Qwen, OLMo) or .self_attn (Kimi-Linear, Bailing-hybrid: their "delta attention")
 _SSM_PATHS = ("mixer", "mamba", "mamba_decoder.mamba")
+_DELTA_PATHS = ("linear_attn", "self_attn")
 _ATTN_PATHS = ("self_attn", "attention", "attn", "mixer", "shared_transformer.self_attn", "shared_transf.self_attn")
 # layer pattern letters (docs/families.md)
 PATTERN_LETTERS = {"M": "SSM mixer", "A": "attention", "P": "attention and SSM in parallel (Falcon-H1)",
-                   "S": "shared attention block, then SSM (Zamba, Zamba2)", "F": "MLP / MoE only", "?": "unknown"}
+                   "S": "shared attention block, then SSM (Zamba, Zamba2)",
+                   "G": "gated delta rule, one decay per head (Qwen3-Next, Qwen3.5, OLMo-hybrid)",
+                   "K": "gated delta rule, one decay per head and key channel (Kimi-Linear, Bailing-hybrid)",
+                   "F": "MLP / MoE only", "?": "unknown"}
+
+
+def _delta_decay_module(m) -> nn.Module | None:
+    """The module holding a gated-delta-rule layer's A_log: the layer itself, or (Kimi-style) its forget_gate."""
+    if hasattr(m, "A_log") and hasattr(m, "dt_bias"):
+        return m
+    gate = getattr(m, "forget_gate", None)
+    return gate if hasattr(gate, "A_log") else None
 
 
 def _get_path(module: nn.Module, path: str):
@@ -65,16 +82,19 @@ class Adapter:
 
     @property
     def is_ssm(self) -> bool:
-        """Whether ssmdiag sees SSM layers in this model (pure SSMs and Mamba-based hybrids)."""
-        return self.family in MAMBA_FAMILIES
+        """Whether ssmdiag sees recurrent layers in this model (pure SSMs, Mamba-based hybrids, gated delta rules)."""
+        return self.family in MAMBA_FAMILIES or self.family in DELTA_FAMILIES
 
     @property
     def is_hybrid(self) -> bool:
-        return self.family in HYBRID_FAMILIES
+        return self.family in HYBRID_FAMILIES or self.family in DELTA_FAMILIES
 
     @property
     def ssm_kind(self) -> str | None:
-        """"mamba1" (A (d, n), Δ per channel) | "mamba2" (A and Δ per head) | None (no SSM layers)."""
+        """"mamba1" (A (d, n), Δ per channel) | "mamba2" (A and Δ per head) | "delta" (gated delta rule, α per
+        head or per head and key channel) | None (no SSM layers)."""
+        if self.family in DELTA_FAMILIES:
+            return "delta"
         if self.family in HYBRID_FAMILIES:
             return HYBRID_FAMILIES[self.family]
         if self.family in SSM_FAMILIES:
@@ -89,6 +109,9 @@ class Adapter:
         clear error instead of a wrong patch.
         """
         self._require_ssm()
+        if self.family not in SSM_CONFIG_KEYS:
+            raise SsmdiagError(f"{self.model_type}: ssmdiag does not rewrite the sizes of gated-delta-rule layers",
+                               hint="polarization needs a Mamba-based checkpoint")
         keys = SSM_CONFIG_KEYS[self.family]
         missing = [k for role, k in keys.items() if k and role != "d_inner" and not hasattr(self.config, k)]
         if missing:
@@ -166,6 +189,12 @@ class Adapter:
         """The block's SSM mixer (the module holding A_log), or None (attention / MLP blocks, non-SSM families)."""
         if not self.is_ssm:
             return None
+        if self.ssm_kind == "delta":
+            for path in _DELTA_PATHS:
+                m = _get_path(block, path)
+                if m is not None and _delta_decay_module(m) is not None:
+                    return m
+            return None
         for path in _SSM_PATHS:
             m = _get_path(block, path)
             if m is not None and hasattr(m, "A_log"):
@@ -176,7 +205,7 @@ class Adapter:
         """The block's self-attention module, or None."""
         for path in _ATTN_PATHS:
             m = _get_path(block, path)
-            if m is not None and not hasattr(m, "A_log") and any(
+            if m is not None and not hasattr(m, "A_log") and _delta_decay_module(m) is None and any(
                     hasattr(m, a) for a in ("q_proj", "query_key_value", "qkv_proj", "c_attn", "o_proj", "k_proj")):
                 return m
         return None
@@ -205,6 +234,8 @@ class Adapter:
         ssm, attn = self.ssm_mixer(block), self.attention(block)
         if ssm is not None and attn is not None:
             return "S" if _get_path(block, "mamba_decoder") is not None else "P"
+        if ssm is not None and self.ssm_kind == "delta":
+            return "K" if hasattr(ssm, "forget_gate") else "G"
         if ssm is not None:
             return "M"
         if attn is not None:
@@ -261,6 +292,9 @@ class Adapter:
         m = self._first_ssm()
         if m is None:
             return None
+        if self.ssm_kind == "delta":
+            h, _, _, p = _delta_sizes(m)
+            return h * p
         if self.ssm_kind == "mamba2":
             return int(getattr(m, "intermediate_size", m.out_proj.in_features))
         return int(m.A_log.numel() // m.A_log.shape[-1])
@@ -270,12 +304,16 @@ class Adapter:
         m = self._first_ssm()
         if m is None:
             return None
+        if self.ssm_kind == "delta":  # the key dim n: the state is (n, p) per head
+            return _delta_sizes(m)[2]
         return int(m.ssm_state_size) if self.ssm_kind == "mamba2" else int(m.A_log.shape[-1])
 
     @property
     def n_heads(self) -> int | None:
-        """Mamba-2 SSM heads (A is one scalar per head); None for Mamba-1 kinds and other families."""
+        """Mamba-2 SSM heads (A is one scalar per head), delta-rule value heads; None for Mamba-1 kinds and others."""
         m = self._first_ssm()
+        if m is not None and self.ssm_kind == "delta":
+            return _delta_sizes(m)[0]
         return int(m.A_log.shape[0]) if m is not None and self.ssm_kind == "mamba2" else None
 
     @property
@@ -285,8 +323,10 @@ class Adapter:
 
     @property
     def n_groups(self) -> int | None:
-        """Mamba-2 B/C groups g."""
+        """Mamba-2 B/C groups g (delta-rule layers: key heads, shared like B/C groups)."""
         m = self._first_ssm()
+        if m is not None and self.ssm_kind == "delta":
+            return _delta_sizes(m)[1]
         return int(m.n_groups) if m is not None and self.ssm_kind == "mamba2" else None
 
     @property
@@ -310,15 +350,20 @@ class Adapter:
         return mixer
 
     def A(self, layer: int) -> torch.Tensor:
-        """Continuous-time A = -exp(A_log) in fp32: (d_inner, d_state) for Mamba-1 kinds, (n_heads,) for Mamba-2."""
+        """Continuous-time A = -exp(A_log) in fp32: (d_inner, d_state) for Mamba-1 kinds, (n_heads,) for Mamba-2 and
+        delta-rule layers (log α = A · softplus(a + dt_bias))."""
         mixer = self._ssm_at(layer)
+        if self.ssm_kind == "delta":
+            return -torch.exp(_delta_decay_module(mixer).A_log.detach().float().reshape(-1))
         A = -torch.exp(mixer.A_log.detach().float())
         return A if self.ssm_kind == "mamba2" else A.reshape(-1, A.shape[-1])
 
     def dt_bias(self, layer: int) -> torch.Tensor:
         """The Δ bias before softplus: (d_inner,) for Mamba-1 kinds, (n_heads,) for Mamba-2."""
         mixer = self._ssm_at(layer)
-        if self.ssm_kind == "mamba2":
+        if self.ssm_kind == "delta":  # (h,) per head, (h · n) per key channel
+            bias = _delta_decay_module(mixer).dt_bias
+        elif self.ssm_kind == "mamba2":
             bias = mixer.dt_bias
         elif hasattr(mixer, "dt_proj_bias"):  # Zamba: one dt_proj per head
             bias = mixer.dt_proj_bias
@@ -332,6 +377,13 @@ class Adapter:
                 f"this needs an SSM layer, but {self.model_type} models have none that ssmdiag can read",
                 hint=f"use a Mamba-based checkpoint (families: {', '.join(MAMBA_FAMILIES)})",
             )
+
+
+def _delta_sizes(m: nn.Module) -> tuple[int, int, int, int]:
+    """(value heads h, key heads hk, key dim n, value dim p) of a gated-delta-rule layer, from its attributes."""
+    if hasattr(m, "forget_gate"):  # Kimi-style: one head count, one head dim
+        return int(m.num_heads), int(m.num_heads), int(m.head_dim), int(m.head_dim)
+    return int(m.num_v_heads), int(m.num_k_heads), int(m.head_k_dim), int(m.head_v_dim)
 
 
 def family_of(config) -> str:

@@ -32,7 +32,7 @@ def recurrence_text(summary: Any) -> str:
     """Whether ssmdiag reads the model's recurrence, in words."""
     if not summary.recurrence:
         return "no — model-agnostic commands only"
-    kind = {"mamba1": "Mamba-1 kind", "mamba2": "Mamba-2 kind"}.get(summary.ssm_kind, "?")
+    kind = {"mamba1": "Mamba-1 kind", "mamba2": "Mamba-2 kind", "delta": "gated delta rule"}.get(summary.ssm_kind, "?")
     return f"yes — {len(summary.ssm_layers)} of {summary.layers} blocks are SSM layers ({kind})"
 
 
@@ -60,7 +60,8 @@ def info_tables(title: str, summary: Any, doc: dict[str, Any]) -> list[Table]:
     return tables
 
 
-KIND_WORDS = {"M": "SSM", "A": "attention", "P": "attn ∥ SSM", "S": "shared attn + SSM", "F": "MLP only", "?": "—"}
+KIND_WORDS = {"M": "SSM", "A": "attention", "P": "attn ∥ SSM", "S": "shared attn + SSM", "G": "delta rule (head)",
+              "K": "delta rule (key ch.)", "F": "MLP only", "?": "—"}
 
 
 def smooth_layer_tables(results: list[tuple[str, Any]], metric: str) -> list[Table]:

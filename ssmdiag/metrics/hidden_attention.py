@@ -19,6 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..kernels.delta_mixer import DeltaRecord
+from .delta_influence import delta_layer_rows
+
 A_FLOOR = -1e300  # A = -inf would give -inf · 0 = NaN where ΣΔ = 0 (s = t); a finite floor gives exp(0) = 1
 DEFAULT_MAX_BYTES = 256 * 2**20
 
@@ -136,6 +139,7 @@ def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor,
 
     Uses the recorded Δ, A, B, C of every SSM layer (ssmdiag.kernels.mixer.record); no autograd.  Hybrids: the
     SSM layers only (attention layers have no closed form here).  Zamba's per-head B and C: one head at a time.
+    Gated-delta-rule layers: ‖w_{t,s}‖ over heads, w their effective attention (delta_influence.delta_layer_rows).
 
     Args:
         model: a model with SSM layers. adapter: its Adapter. ids: (samples, l) token ids. targets: the T targets.
@@ -153,6 +157,9 @@ def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor,
             adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
         for k, layer in enumerate(layers):
             lr = rec.layers[layer]
+            if isinstance(lr, DeltaRecord):  # gated delta rule: its effective attention (metrics.delta_influence)
+                out[k, i] = delta_layer_rows(lr, targets)[0].cpu().numpy()
+                continue
             for j, t in enumerate(targets):
                 out[k, i, j, : t + 1] = layer_alpha(lr, t).norm(dim=-1).numpy()
     return layers, out

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..adapters import HYBRID_FAMILIES, SSM_FAMILIES
+from ..adapters import DELTA_FAMILIES, HYBRID_FAMILIES, SSM_FAMILIES
 
 MODES = ("carry", "hybrid", "kv", "whole")
 
@@ -49,10 +49,11 @@ class History:
 
 
 def default_mode(family: str) -> str:
-    """The carry mode of a family: "carry" | "hybrid" | "kv"."""
+    """The carry mode of a family: "carry" | "hybrid" | "kv".  The gated-delta-rule families are hybrids: their delta
+    layers' state lives in ssmdiag's StateCarry, their attention layers in transformers' cache."""
     if family in SSM_FAMILIES:
         return "carry"
-    return "hybrid" if family in HYBRID_FAMILIES else "kv"
+    return "hybrid" if family in HYBRID_FAMILIES or family in DELTA_FAMILIES else "kv"
 
 
 def _crop_attention(cache: Any, keep: int) -> None:
@@ -60,6 +61,9 @@ def _crop_attention(cache: Any, keep: int) -> None:
     from transformers.cache_utils import DynamicLayer
 
     for layer in cache.layers:
+        if "Sliding" in type(layer).__name__ and layer.is_initialized and layer.get_seq_length() > keep:
+            raise ValueError("a sliding-window attention layer's cache cannot be cut back (it keeps only the "
+                             "last window of tokens)")
         if isinstance(layer, DynamicLayer) and layer.is_initialized and layer.get_seq_length() > keep:
             DynamicLayer.crop(layer, keep - layer.get_seq_length())
 
@@ -218,7 +222,7 @@ def check_state_carry(model: nn.Module, family: str, vocab: int, dtype: torch.dt
         many.feed(cache, ids[seg:])
         again = many.feed(many.restore(cache, mark), ids[seg:], all_logits=True)
     except Exception as exc:  # a recurrent family whose cache cannot be continued or cropped
-        if family != "other":
+        if family != "other" and family not in DELTA_FAMILIES:
             raise
         return CarryCheck(False, float("nan"), float("nan"), float("nan"), mode,
                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import Adapter
+from .delta_influence import delta_layer_decay
 
 
 @dataclass
@@ -30,7 +31,7 @@ class ModelSummary:
     Args:
         pattern: one letter per block (adapters.PATTERN_LETTERS), e.g. ["M", "A", "M"].
         recurrence: whether ssmdiag reads this model's SSM recurrence (A, Δ, states).
-        ssm_kind: "mamba1" | "mamba2" | None.  ssm_layers: block indices holding an SSM mixer.
+        ssm_kind: "mamba1" | "mamba2" | "delta" (gated delta rule: abar_* is α at zero input) | None.  ssm_layers: block indices holding an SSM mixer.
     """
 
     family: str
@@ -80,6 +81,8 @@ def summarize_model(adapter: Adapter, delta: float | None = None) -> ModelSummar
     if not adapter.is_ssm:
         return summary
     summary.ssm_layers = adapter.ssm_layers()
+    if adapter.ssm_kind == "delta":
+        return _summarize_delta(adapter, summary, delta)
     unit = "head" if adapter.ssm_kind == "mamba2" else "channel"
     summary.delta_rule = f"Δ = softplus(dt_bias) per {unit}" if delta is None else f"Δ = {delta:g}"
     for i in summary.ssm_layers:
@@ -92,3 +95,21 @@ def summarize_model(adapter: Adapter, delta: float | None = None) -> ModelSummar
         ))
     return summary
 
+
+
+def _summarize_delta(adapter: Adapter, summary: ModelSummary, delta: float | None) -> ModelSummary:
+    """Gated-delta-rule layers: a = A = −exp(A_log) per head, abar = α at zero input (metrics.delta_influence), or
+    exp(Δ·A) at a fixed Δ = softplus(gate + dt_bias).  Parameter-only: α depends on the input, said in delta_rule."""
+    for i in summary.ssm_layers:
+        A = adapter.A(i)
+        if delta is None:
+            dec = delta_layer_decay(adapter.ssm_mixer(adapter.blocks()[i]), i)
+            lo, med, hi, summary.delta_rule = dec.abar_min, dec.abar_median, dec.abar_max, dec.rule
+        else:
+            abar = torch.exp(float(delta) * A)
+            lo, med, hi = abar.min().item(), abar.median().item(), abar.max().item()
+            summary.delta_rule = (f"α = exp(−exp(A_log)·Δ) per head at Δ = {delta:g} (a per-key-channel or safe "
+                                  "gate ignores its dt_bias here; α depends on the input)")
+        summary.layers_a.append(LayerA(layer=i, a_min=A.min().item(), a_median=A.median().item(),
+                                       a_max=A.max().item(), abar_min=lo, abar_median=med, abar_max=hi))
+    return summary
