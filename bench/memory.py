@@ -3,6 +3,8 @@
     python bench/memory.py                       # the default grid, writes bench/memory_points.json
     python bench/memory.py --points "influence mamba-130m 2048 numba"
     python bench/memory.py --check               # compare stored points with ssmdiag.estimate's prediction
+    python bench/memory.py --rate                # FLOP per CPU-second (the CPU time model's constant)
+    python bench/memory.py --table               # docs/performance.md's table (estimates only, seconds)
 
 Every point runs `ssmdiag COMMAND MODEL --init random --seq-len L --samples 1` in its own process, with the
 torch backend's engine forced by SSMDIAG_SCAN_ENGINE (numba: the fused CPU kernels; chunked: the pure-torch
@@ -21,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -67,7 +70,7 @@ def check(points: list[dict]) -> None:
     shapes: dict[str, object] = {}
     worst = 1.0
     print("| command | model | tokens | engine | measured peak (MB) | estimate (MB) | estimate / measured |")
-    print("|---|---|---|---|---|---|---|")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for p in points:
         if "error" in p:
             print(f"| {p['command']} | {p['model']} | {p['seq_len']} | {p['engine']} | error: {p['error']} | | |")
@@ -82,12 +85,84 @@ def check(points: list[dict]) -> None:
     print(f"\nworst factor between estimate and measurement: {worst:.2f}x")
 
 
+def rate() -> None:
+    """FLOP per CPU-second of a no-grad forward and of influence's forward + backward on mamba-130m (this process).
+
+    CPU seconds (time.process_time) rather than wall seconds: other jobs on the machine take wall time, not the
+    CPU time this process receives, so the figure transfers to an idle machine (times its cores).
+    """
+    import torch
+
+    from ssmdiag.estimate import forward_flops, shape_of_model
+    from ssmdiag.loading import load_model
+    from ssmdiag.metrics.influence import compute_influence, prepare_for_gradients
+
+    m = load_model("mamba-130m", init="random", device="cpu")
+    shape = shape_of_model(m.model, "mamba-130m")
+    for n in (512, 2048):
+        ids = torch.randint(0, shape.vocab, (1, n), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            m.model(input_ids=ids[:, :64], use_cache=False)  # compile / warm up
+            t0, w0 = time.process_time(), time.perf_counter()
+            m.model(input_ids=ids, use_cache=False)
+            cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+        print(json.dumps({"what": "forward", "tokens": n, "flops": forward_flops(shape, n), "cpu_s": cpu,
+                          "wall_s": wall, "threads": torch.get_num_threads(),
+                          "flop_per_cpu_s": forward_flops(shape, n) / cpu}))
+    prepare_for_gradients(m.model)
+    ids = torch.randint(0, shape.vocab, (1, 1024), generator=torch.Generator().manual_seed(0))
+    t0, w0 = time.process_time(), time.perf_counter()
+    compute_influence(m.adapter, ids, [1023])
+    cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+    flops = 3 * forward_flops(shape, 1024)
+    print(json.dumps({"what": "influence (forward + 1 backward)", "tokens": 1024, "flops": flops, "cpu_s": cpu,
+                      "wall_s": wall, "flop_per_cpu_s": flops / cpu}))
+
+
+TABLE_MODELS = ("mamba-130m", "mamba-1.4b", "mamba-2.8b", "mamba-codestral-7b")
+TABLE_BUDGETS = (("cpu", 24e9, "CPU, 24 GB"), ("cuda", 80e9, "GPU, 80 GB"))
+
+
+def table() -> None:
+    """docs/performance.md's table: influence and smooth at 2k/8k/32k tokens, fits on 24 GB CPU / 80 GB GPU."""
+    from ssmdiag.estimate import estimate_command, model_shape
+
+    cols = [f"{cmd} {label}" for cmd in ("influence", "smooth") for _, _, label in TABLE_BUDGETS]
+    print("| model | tokens | " + " | ".join(cols) + " |")
+    print("| --- | --- |" + " --- |" * len(cols))
+    for name in TABLE_MODELS:
+        shape = model_shape(name, init="random")
+        for n in (2048, 8192, 32768):
+            cells = []
+            for cmd in ("influence", "smooth"):
+                for device, budget, _ in TABLE_BUDGETS:
+                    e = estimate_command(cmd, shape, seq_len=n, device=device, budget_bytes=int(budget),
+                                         engine="torch:numba" if device == "cpu" else "torch:chunked")
+                    opts = "checkpoint" if e.options.get("checkpoint_blocks") else ""
+                    opts += "state blocks" if e.options.get("state_blocks") else ""
+                    cells.append(f"{'yes' if e.fits else '**no**'}: {e.peak_bytes / 1e9:.1f} GB"
+                                 + (f" ({opts})" if opts else "") + f", {_duration(e.seconds_per_unit)}")
+            print(f"| {name} | {n // 1024}k | " + " | ".join(cells) + " |")
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", nargs="*", help='"COMMAND MODEL SEQ_LEN ENGINE [FLAGS]" (default: the grid)')
     ap.add_argument("--check", action="store_true", help="only compare the stored points with the estimate")
     ap.add_argument("--file", type=Path, default=POINTS_FILE)
+    ap.add_argument("--table", action="store_true", help="print docs/performance.md's fits table and stop")
+    ap.add_argument("--rate", action="store_true", help="measure FLOP per CPU-second on mamba-130m and stop")
     args = ap.parse_args()
+    if args.rate:
+        rate()
+        return
+    if args.table:
+        table()
+        return
     stored = json.loads(args.file.read_text()) if args.file.exists() else []
     if not args.check:
         grid = GRID if not args.points else [(*p.split()[:2], int(p.split()[2]), p.split()[3],

@@ -26,8 +26,9 @@ The memory model (bytes; letters of docs/architecture.md, L_s SSM layers, L bloc
 KEEP, T_M1, T_SSD, TRN_NUMBA, STATES_K, PAIR_K and R0 were fitted to peak RSS measured on CPU with both
 engines (bench/memory.py; docs/performance.md gives the points and the fit error).  Seconds: FLOPs (2 per
 parameter per token forward, ×3 with a backward, plus the scans and the pairwise distances) divided by a
-rate: on CPU the rate measured with bench/memory.py on this project's 2-core machine under other load (a
-ratio, not a benchmark); on a GPU an ASSUMPTION, GPU_FLOPS below, never measured here.
+rate: on CPU the FLOP per CPU-second measured with `bench/memory.py --rate` (CPU time, so other jobs on the
+machine do not bias it) times the threads, at an assumed parallel efficiency; on a GPU an ASSUMPTION,
+GPU_FLOPS below, never measured here.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ STATE_BUDGET = 4 * GiB  # metrics.smoothing.STATE_BUDGET: one layer's recorded s
 EXACT_MAX_TOKENS = 4096  # metrics.smoothing: exact pairs up to here
 SSD_STATE_BLOCK = 1 * GiB  # kernels.ssd: positions' states are computed in blocks under this many bytes
 # --- time ---------------------------------------------------------------------------------------------------
-CPU_FLOPS = 1.2e10  # FLOP/s measured on this project's 2-core CPU under load (bench/memory.py), float32
+CPU_FLOPS_PER_CORE = 4.5e10  # FLOP per CPU-second, float32 forward / influence on mamba-130m (bench/memory.py --rate)
+CPU_PARALLEL = 0.75  # ASSUMED efficiency of torch's intra-op threads: wall rate = per-core × threads × this
 CHUNKED_CPU_SLOWDOWN = 10.0  # chunked / numba seconds, influence on mamba-130m at 512 tokens (one run, same load)
 GPU_FLOPS = {"float32": 2.0e13, "half": 8.0e13}  # ASSUMED effective rates (TF32 / bf16 on an A100/H100-class GPU)
-ASSUMED_GPU_MEMORY = 80 * GiB  # a plan for `--device cuda` made on a machine without a GPU
+ASSUMED_GPU_MEMORY = 80 * 10**9  # an "80 GB" GPU, for a `--device cuda` plan made on a machine without one
 GPU_CONTEXT = 1.0 * GiB  # ASSUMED CUDA context and allocator slack
 SCAN_FLOPS = 10.0  # per token, channel and state entry (exp, multiply, add, the C contraction)
 GEN_OVERHEAD_S = {"cpu": 0.004, "cuda": 0.0015}  # ASSUMED seconds per generated token per block (Python loop)
@@ -236,7 +238,12 @@ def forward_flops(s: ModelShape, l: int) -> float:
 
 
 def _rate(device: str, dtype_bytes: int) -> float:
-    return CPU_FLOPS if device == "cpu" else GPU_FLOPS["half" if dtype_bytes == 2 else "float32"]
+    """FLOP/s: on CPU per-core × this process's threads (an idle machine), on a GPU the assumed rate."""
+    if device == "cpu":
+        import torch
+
+        return CPU_FLOPS_PER_CORE * torch.get_num_threads() * CPU_PARALLEL
+    return GPU_FLOPS["half" if dtype_bytes == 2 else "float32"]
 
 
 def _base(device: str) -> float:
@@ -282,7 +289,8 @@ def _cost_smooth(s, device, engine, seq_len=1024, pairs=None, **_):
         kept / l) ** 2 * s.d_inner * s.d_state
     inputs = dict(weights=w, forward_transient=fwd, recorded_states=states, state_positions=kept, pairwise=pair,
                   base=_base(device), flops=flops)
-    return peak, flops, {"state_positions": kept, "state_blocks": engine == "torch:chunked" and kept < l}, inputs
+    return peak, flops, {"state_positions": kept, "state_blocks": engine == "torch:chunked" and s.ssm_kind == "mamba2"
+                                       and kept < l}, inputs
 
 
 def _cost_robust(s, device, engine, seq_len=1024, regions=2, **_):
@@ -360,9 +368,10 @@ def estimate_command(command: str, shape: ModelShape, *, device: str = "auto", b
     if kind == "cpu" and label == "torch:chunked":  # the GPU's engine is memory-bound on a CPU
         rate /= CHUNKED_CPU_SLOWDOWN
     seconds = flops / rate + inputs.get("generation_overhead_s", 0.0)
-    notes = [] if kind == "cpu" else [f"GPU seconds assume {rate:.1e} FLOP/s (unmeasured)"]
+    notes = ([f"CPU seconds assume an idle machine ({rate:.1e} FLOP/s); other jobs on it stretch them"]
+             if kind == "cpu" else [f"GPU seconds assume {rate:.1e} FLOP/s (unmeasured)"])
     if assumed:
-        notes.append(f"no GPU here: fits/options are for {ASSUMED_GPU_MEMORY / GiB:.0f} GiB of GPU memory")
+        notes.append(f"no GPU here: fits/options are for {ASSUMED_GPU_MEMORY / 1e9:.0f} GB of GPU memory")
     inputs.update(shape=asdict(shape), rate_flops_per_s=rate, R0=R0, engine=label)
     return Estimate(command=command, model=shape.name, device=kind, backend=label, peak_bytes=int(peak), unit=unit,
                     units=units, seconds_per_unit=seconds, seconds_total=seconds * units, budget_bytes=budget,
