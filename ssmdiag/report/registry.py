@@ -120,7 +120,7 @@ def registry() -> list[Diagnostic]:
             {"quick": ["--lengths", "512", "--samples", "3", "--no-remembrance"],
              "standard": ["--lengths", "2k", "--samples", "3"],
              "full": ["--lengths", "1k,2k,4k,8k", "--samples", "4"]},
-            readers_more.read_length, estimate_s={"quick": 18, "standard": 120, "full": 900},
+            readers_more.read_length, estimate_s={"quick": 25, "standard": 120, "full": 900},
             accepts=("--train-len",)),
     ]
 
