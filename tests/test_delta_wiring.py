@@ -104,3 +104,85 @@ def test_generate_gives_the_same_tokens(delta_model):
     assert torch.equal(got.sequences, ref.sequences)
     for a, b in zip(got.scores, ref.scores):
         assert _rel(a, b) < 1e-4
+
+
+# --- adapters, info, influence --per-layer, needle's carry ------------------------------------------------
+def test_adapter_letters_kind_and_sizes(delta_model):
+    from ssmdiag.adapters import PATTERN_LETTERS, get_adapter
+
+    _, model = delta_model
+    ad = get_adapter(model)
+    found = mx.find_mixers(model)
+    assert ad.is_ssm and ad.is_hybrid and ad.ssm_kind == "delta"
+    assert ad.ssm_layers() == [i for i, _, _ in found]
+    pattern = ad.layer_pattern()
+    letter = "K" if hasattr(found[0][1], "forget_gate") else "G"
+    assert [pattern[i] for i in ad.ssm_layers()] == [letter] * len(found) and "A" in pattern
+    assert set(pattern) <= set(PATTERN_LETTERS) and "?" not in pattern
+    assert ad.ssm_mixer(ad.blocks()[found[0][0]]) is found[0][1]
+    assert ad.d_inner == ad.n_heads * ad.head_dim and ad.d_state == 8
+
+
+def test_info_decay_is_alpha_at_zero_input(delta_model):
+    from ssmdiag.adapters import get_adapter
+    from ssmdiag.kernels.delta_mixer import zero_input_decay
+    from ssmdiag.metrics.summary import summarize_model
+
+    _, model = delta_model
+    s = summarize_model(get_adapter(model))
+    assert s.recurrence and s.ssm_kind == "delta" and "parameter-only" in s.delta_rule
+    mixers = dict((i, m) for i, m, _ in mx.find_mixers(model))
+    assert [la.layer for la in s.layers_a] == sorted(mixers)
+    for la in s.layers_a:
+        alpha = zero_input_decay(mixers[la.layer])
+        assert la.abar_min == pytest.approx(float(alpha.min())) and la.abar_max == pytest.approx(float(alpha.max()))
+        assert la.a_max < 0 and 0 < la.abar_min <= la.abar_median <= la.abar_max < 1
+
+
+def test_per_layer_rows_are_the_delta_effective_attention(delta_model):
+    from ssmdiag.adapters import get_adapter
+    from ssmdiag.metrics.delta_influence import delta_layer_rows
+    from ssmdiag.metrics.hidden_attention import per_layer_rows
+
+    _, model = delta_model
+    ad = get_adapter(model)
+    ids = torch.randint(3, 384, (2, 20), generator=torch.Generator().manual_seed(7))
+    targets = [19, 12]
+    layers, rows = per_layer_rows(model, ad, ids, targets)
+    assert layers == ad.ssm_layers() and rows.shape == (len(layers), 2, 2, 20)
+    with torch.no_grad(), mx.record(model, params=True) as rec:
+        ad.base()(input_ids=ids[1:2], use_cache=False)
+    want = delta_layer_rows(rec.layers[layers[0]], targets)[0].numpy()
+    assert abs(rows[0, 1] - want).max() <= 1e-9 * max(1.0, abs(want).max())
+    assert (rows[:, :, 1, 13:] == 0).all() and (rows[:, :, 0, :20] > 0).any()
+
+
+def test_needle_carries_delta_state_beside_the_kv_cache(delta_model):
+    from ssmdiag.metrics.prefill import ModelRunner, PrefixStates, check_state_carry, default_mode
+
+    family, model = delta_model
+    assert default_mode(family) == "hybrid"
+    check = check_state_carry(model, family, 384, torch.float32)
+    uncroppable = {"lara_mini": "sliding-window", "qwen4_exp_text": "DynamicIndexedLayer"}
+    if family in uncroppable:  # an attention cache that cannot be cut back exactly: needle runs prompts whole
+        assert not check.ok and uncroppable[family] in check.reason, check
+        return
+    assert check.ok and check.rel_error < 1e-5, check
+    stream = torch.randint(3, 384, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    runner = ModelRunner(model, family, 8)
+    reuse, fresh = PrefixStates(runner, stream, reuse=True), PrefixStates(runner, stream, reuse=False)
+    for p in (10, 25, 12, 30, 40):
+        assert _rel(runner.feed(reuse.at(p), [5, 6, 7]), runner.feed(fresh.at(p), [5, 6, 7])) < 1e-5, p
+    assert reuse.stats.computed < fresh.stats.computed
+
+
+@pytest.mark.parametrize("split", [1, 5, 16])
+def test_segments_of_any_size_equal_one_shot(delta_model, split):
+    from ssmdiag.metrics.prefill import ModelRunner
+
+    family, model = delta_model
+    ids = torch.randint(3, 384, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    whole = ModelRunner(model, family, None, mode="whole")
+    ref = whole.feed(whole.new_cache(), ids, all_logits=True)
+    runner = ModelRunner(model, family, split)
+    assert _rel(runner.feed(runner.new_cache(), ids, all_logits=True), ref) < 1e-5

@@ -61,11 +61,14 @@ def _crop_attention(cache: Any, keep: int) -> None:
     from transformers.cache_utils import DynamicLayer
 
     for layer in cache.layers:
-        if "Sliding" in type(layer).__name__ and layer.is_initialized and layer.get_seq_length() > keep:
+        if not (isinstance(layer, DynamicLayer) and layer.is_initialized and layer.get_seq_length() > keep):
+            continue
+        if "Sliding" in type(layer).__name__:
             raise ValueError("a sliding-window attention layer's cache cannot be cut back (it keeps only the "
                              "last window of tokens)")
-        if isinstance(layer, DynamicLayer) and layer.is_initialized and layer.get_seq_length() > keep:
-            DynamicLayer.crop(layer, keep - layer.get_seq_length())
+        if type(layer) is not DynamicLayer:  # e.g. Qwen4-exp's indexed attention keeps a compressed index too
+            raise ValueError(f"a {type(layer).__name__} attention cache cannot be cut back exactly")
+        DynamicLayer.crop(layer, keep - layer.get_seq_length())
 
 
 # --- the runner -------------------------------------------------------------------------------------------
