@@ -56,6 +56,10 @@ def default_mode(family: str) -> str:
     return "hybrid" if family in HYBRID_FAMILIES or family in DELTA_FAMILIES else "kv"
 
 
+# cache layers whose DynamicLayer.crop is exact (Falcon-H1's and Zamba2's attention layers share the SSM layer's slot)
+_CROPPABLE = ("DynamicLayer", "LinearAttentionAndFullAttentionLayer")
+
+
 def _crop_attention(cache: Any, keep: int) -> None:
     """Cut every attention layer of a DynamicCache back to `keep` tokens (SSM layers live in the carry)."""
     from transformers.cache_utils import DynamicLayer
@@ -66,7 +70,7 @@ def _crop_attention(cache: Any, keep: int) -> None:
         if "Sliding" in type(layer).__name__:
             raise ValueError("a sliding-window attention layer's cache cannot be cut back (it keeps only the "
                              "last window of tokens)")
-        if type(layer) is not DynamicLayer:  # e.g. Qwen4-exp's indexed attention keeps a compressed index too
+        if type(layer).__name__ not in _CROPPABLE:  # e.g. Qwen4-exp's indexed attention keeps a compressed index
             raise ValueError(f"a {type(layer).__name__} attention cache cannot be cut back exactly")
         DynamicLayer.crop(layer, keep - layer.get_seq_length())
 
