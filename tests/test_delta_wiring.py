@@ -186,3 +186,21 @@ def test_segments_of_any_size_equal_one_shot(delta_model, split):
     ref = whole.feed(whole.new_cache(), ids, all_logits=True)
     runner = ModelRunner(model, family, split)
     assert _rel(runner.feed(runner.new_cache(), ids, all_logits=True), ref) < 1e-5
+
+
+def test_info_on_the_meta_device():
+    """A meta-device model (info on a huge preset): A_log / dt_bias are materialised, α comes out in (0, 1]."""
+    from transformers import AutoModelForCausalLM
+
+    from ssmdiag.adapters import get_adapter
+    from ssmdiag.loading import _materialize_ssm_parameters
+    from ssmdiag.metrics.summary import summarize_model
+    from tinyfamilies import make_tiny_config
+
+    for family in [f for f in ("qwen3_next", "kimi_linear") if f in DELTA_FAMILIES]:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(make_tiny_config(family))
+        _materialize_ssm_parameters(model, 0)
+        s = summarize_model(get_adapter(model))
+        assert [la.layer for la in s.layers_a] == get_adapter(model).ssm_layers() and s.layers_a
+        assert all(0 <= la.abar_min <= la.abar_max <= 1 and la.a_max < 0 for la in s.layers_a), s.layers_a
