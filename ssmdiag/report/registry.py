@@ -83,7 +83,7 @@ def registry() -> list[Diagnostic]:
             {"quick": ["--seq-len", "256", "--samples", "3", "--per-layer"],
              "standard": ["--seq-len", "512", "--samples", "4", "--per-layer"],
              "full": ["--seq-len", "1024", "--samples", "8", "--per-layer"]},
-            readers.read_influence, estimate_s={"quick": 30, "standard": 80, "full": 300}),
+            readers.read_influence, estimate_s={"quick": 25, "standard": 80, "full": 300}),
         Diagnostic(
             "robust", "robust", "Fragility: corrupting the first vs the last tokens", "robust.md",
             "How much more corrupting the last k tokens changes the next-token output than corrupting the first k "
@@ -101,7 +101,7 @@ def registry() -> list[Diagnostic]:
             {"quick": ["--seq-len", "128", "--samples", "3"],
              "standard": ["--seq-len", "256", "--samples", "4"],
              "full": ["--seq-len", "512", "--samples", "8"]},
-            readers.read_smooth, estimate_s={"quick": 15, "standard": 80, "full": 300}),
+            readers.read_smooth, estimate_s={"quick": 12, "standard": 80, "full": 300}),
         Diagnostic(
             "needle", "needle", "Retrieval: needle in a haystack", "needle.md",
             "Whether the model repeats a counterfactual fact planted at a given depth of a long context "
@@ -120,7 +120,7 @@ def registry() -> list[Diagnostic]:
             {"quick": ["--lengths", "512", "--samples", "3", "--no-remembrance"],
              "standard": ["--lengths", "2k", "--samples", "3"],
              "full": ["--lengths", "1k,2k,4k,8k", "--samples", "4"]},
-            readers_more.read_length, estimate_s={"quick": 25, "standard": 120, "full": 900},
+            readers_more.read_length, estimate_s={"quick": 20, "standard": 120, "full": 900},
             accepts=("--train-len",)),
     ]
 
