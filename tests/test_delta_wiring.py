@@ -204,3 +204,25 @@ def test_info_on_the_meta_device():
         s = summarize_model(get_adapter(model))
         assert [la.layer for la in s.layers_a] == get_adapter(model).ssm_layers() and s.layers_a
         assert all(0 <= la.abar_min <= la.abar_max <= 1 and la.a_max < 0 for la in s.layers_a), s.layers_a
+
+
+def test_smooth_gives_the_decay_spectrum_and_states_per_delta_layer(delta_model):
+    """smooth's spectrum of a delta layer: shares of (head or head × key channel) α with max > .99 and min < .01
+    over the sample, from the recorded log α, and a state sharpness column at every delta layer."""
+    from ssmdiag.adapters import get_adapter
+    from ssmdiag.metrics.smoothing import measure_smoothing
+
+    _, model = delta_model
+    ad = get_adapter(model)
+    ids = torch.randint(3, 384, (1, 24), generator=torch.Generator().manual_seed(8))
+    res = measure_smoothing(model, ad, ids, pairs=50)
+    with torch.no_grad(), mx.record(model, params=True) as rec:
+        ad.base()(input_ids=ids, use_cache=False)
+    assert [s.layer for s in res.spectrum.layers] == ad.ssm_layers()
+    for s in res.spectrum.layers:
+        g = rec.layers[s.layer].g[0].double()  # (l, h) | (l, h, n): log α
+        assert s.channels == g[0].numel()
+        assert s.near_one == pytest.approx(float((g.amax(0).exp() > 0.99).double().mean()), abs=1e-9)
+        assert s.near_zero == pytest.approx(float((g.amin(0).exp() < 0.01).double().mean()), abs=1e-9)
+    with_states = [la.layer for la in res.layers if la.states is not None]
+    assert with_states == ad.ssm_layers()
