@@ -144,6 +144,7 @@ def _ranges(idx: list[int]) -> str:
 
 
 NO_STATE = {"gpt_neox": "attention keeps a KV cache that grows with length, not a fixed-size state",
+            "delta": "the state views read Mamba states; gated-delta-rule states are not read here yet",
             "other": "ssmdiag has no recurrence view of this family"}
 
 
@@ -156,7 +157,7 @@ def summarize(res, per_sample: list, rem: list, edges: list[int], positions: lis
         summarize_states(res, views, positions, max_len)
         summarize_decay(res, views, edges, cfg.global_threshold, cfg.lengths)
     else:
-        why = NO_STATE.get(res.family, NO_STATE["other"])
+        why = NO_STATE.get(res.family) or NO_STATE.get(res.kind, NO_STATE["other"])
         if mode == "whole":
             why += " (and its state could not be carried: every chunk re-ran the whole prefix)"
         res.not_applicable = {"state_rms": why, "decay": why, "global_share": why, "mmd": why}
