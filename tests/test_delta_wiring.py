@@ -176,7 +176,7 @@ def test_needle_carries_delta_state_beside_the_kv_cache(delta_model):
     assert reuse.stats.computed < fresh.stats.computed
 
 
-@pytest.mark.parametrize("split", [1, 5, 16])
+@pytest.mark.parametrize("split", [1, 5, 7, 16])
 def test_segments_of_any_size_equal_one_shot(delta_model, split):
     from ssmdiag.metrics.prefill import ModelRunner
 
