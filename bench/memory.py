@@ -80,7 +80,8 @@ def check(points: list[dict]) -> None:
                                engine=p["engine"], checkpoint="checkpoint" in p["extra"])
         ratio = est.peak_bytes / p["peak_bytes"]
         worst = max(worst, ratio, 1 / ratio)
-        print(f"| {p['command']} | {p['model']} | {p['seq_len']} | {p['engine']} | {p['peak_bytes'] / 2**20:.0f} "
+        print(f"| {p['command']} | {p['model']} | {p['seq_len']} | {(p['engine'] + ' ' + p['extra']).strip()} "
+              f"| {p['peak_bytes'] / 2**20:.0f} "
               f"| {est.peak_bytes / 2**20:.0f} | {ratio:.2f} |")
     print(f"\nworst factor between estimate and measurement: {worst:.2f}x")
 

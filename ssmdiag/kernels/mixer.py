@@ -148,7 +148,7 @@ def record(model: torch.nn.Module, layers=None, states=None, params: bool = Fals
     Args:
         layers: layer indices (None: all SSM layers).
         states: None | "all" | "last" | LongTensor of positions (negative count from the end).
-        params: record u, Δ, A, B, C.   abar_stats: record min/max of Ā = exp(Δ A).
+        params: True records u, Δ, A, B, C; "delta" only Δ and A.   abar_stats: record min/max of Ā = exp(Δ A).
         detach: False keeps the autograd graph of recorded tensors (to differentiate through them).
     Yields: a Recorder; recorder.layers[i] is the LayerRecord of layer i from the latest forward.
     Models not installed are installed with backend "auto" for the duration of the block.

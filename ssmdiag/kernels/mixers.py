@@ -57,7 +57,7 @@ class Recorder:
     """Filled by `record`: layers[i] is the LayerRecord of layer i after a forward."""
 
     states: object = None
-    params: bool = False
+    params: bool | str = False  # True: u, Δ, A, B, C; "delta": Δ and A only
     abar_stats: bool = False
     detach: bool = True
     layers: dict = field(default_factory=dict)
@@ -119,7 +119,9 @@ def _abar_range(delta_min, delta_max, A):
 def _store(rec: Recorder, layer: int, family: str, backend: str, u, delta, A, B, C, states, abar) -> None:
     keep = (lambda t: None if t is None else t.detach()) if rec.detach else (lambda t: t)
     entry = LayerRecord(layer=layer, family=family, backend=backend)
-    if rec.params:
+    if rec.params == "delta":  # Δ and A only: what the Ā bound reads, without every layer's u, B, C at once
+        entry.delta, entry.A = keep(delta), keep(A)
+    elif rec.params:
         entry.u, entry.delta, entry.A, entry.B, entry.C = (keep(t) for t in (u, delta, A, B, C))
     if rec.states is not None:
         entry.states = keep(states)

@@ -312,7 +312,7 @@ def measure_bound(model: torch.nn.Module, adapter, ids: torch.Tensor, observed: 
     count = 0
     A: dict[int, torch.Tensor] = {}
     for i in range(ids.shape[0]):
-        with torch.no_grad(), record(model, params=True) as rec:
+        with torch.no_grad(), record(model, params="delta") as rec:
             adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
         for layer, lr in rec.layers.items():
             delta = lr.delta.detach().double().cpu().flatten(0, 1)  # (b·l, d) | (b·l, h)
