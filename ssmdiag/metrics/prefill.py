@@ -20,6 +20,7 @@ loaded model before a run relies on it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,14 @@ def default_mode(family: str) -> str:
 
 # cache layers whose DynamicLayer.crop is exact (Falcon-H1's and Zamba2's attention layers share the SSM layer's slot)
 _CROPPABLE = ("DynamicLayer", "LinearAttentionAndFullAttentionLayer")
+
+
+def _croppable(cache: Any) -> bool:
+    """Whether every filled attention layer of a DynamicCache can be cut back exactly (else save copies it)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer).__name__ in _CROPPABLE for layer in cache.layers
+               if isinstance(layer, DynamicLayer) and layer.is_initialized)
 
 
 def _crop_attention(cache: Any, keep: int) -> None:
@@ -163,8 +172,9 @@ class ModelRunner:
         """A restorable mark: a copy of the (fixed-size) SSM state and/or the token count to crop back to."""
         if self.mode == "carry":
             return cache.clone()
-        if self.mode == "hybrid":
-            return cache.carry.clone(), cache.kv.get_seq_length()
+        if self.mode == "hybrid":  # a KV cache that cannot be cut back exactly is copied whole (_croppable)
+            kv = cache.kv
+            return cache.carry.clone(), kv.get_seq_length() if _croppable(kv) else copy.deepcopy(kv)
         if self.mode == "whole":
             return len(cache.ids)
         return cache.get_seq_length()
@@ -177,7 +187,10 @@ class ModelRunner:
             carry, length = saved
             if cache is None:
                 raise ValueError("a hybrid state is restored into its own cache")
-            _crop_attention(cache.kv, length)
+            if isinstance(length, int):
+                _crop_attention(cache.kv, length)
+            else:  # a copied cache (sliding-window or indexed attention)
+                cache.kv = copy.deepcopy(length)
             cache.carry = carry.clone()
             return cache
         if self.mode == "whole":
