@@ -223,3 +223,33 @@ def test_smooth_gives_the_decay_spectrum_and_states_per_delta_layer(delta_model)
         assert s.near_zero == pytest.approx(float((g.amin(0).exp() < 0.01).double().mean()), abs=1e-9)
     with_states = [la.layer for la in res.layers if la.states is not None]
     assert with_states == ad.ssm_layers()
+
+
+# --- through the CLI: the numbers, not only the exit codes ----------------------------------------------
+@pytest.mark.parametrize("family", [f for f in ("qwen3_next", "kimi_linear") if f in DELTA_FAMILIES])
+def test_cli_info_influence_needle_show_the_delta_layers(family, tiny_root, tiny_tokenizer_dir, tmp_path):
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from ssmdiag.cli import app
+    from tinymodels import save_checkpoint
+
+    path = save_checkpoint(make_delta(family), tiny_root / f"delta-{family}", tiny_tokenizer_dir)
+    layers = [i for i, _, _ in mx.find_mixers(make_delta(family))]
+
+    def run(*args):
+        out = tmp_path / args[0]
+        res = CliRunner().invoke(app, [args[0], str(path), *args[1:], "--out", str(out), "--quiet"])
+        assert res.exit_code == 0 and "Traceback" not in res.output, res.output[-1500:]
+        return json.loads(sorted(Path(out).rglob("result.json"))[-1].read_text())["metrics"]
+
+    s = run("info")["summary"]
+    assert s["recurrence"] is True and s["ssm_kind"] == "delta" and [r["layer"] for r in s["layers_a"]] == layers
+    assert set(s["pattern"]) & {"G", "K"} and "?" not in s["pattern"] and "parameter-only" in s["delta_rule"]
+    m = run("influence", "--seq-len", "24", "--samples", "2", "--per-layer")["models"][0]
+    assert [r["layer"] for r in m["per_layer"]] == layers
+    n = run("needle", "--lengths", "200,300", "--depths", "0,50,100", "--max-new-tokens", "2", "--prefill-chunk", "64")
+    assert n["carry_check"]["ok"] is True and n["carry_check"]["mode"] == "hybrid"
+    assert n["reuse"]["computed_tokens"] < n["reuse"]["prompt_tokens"]

@@ -31,7 +31,8 @@ class ModelSummary:
     Args:
         pattern: one letter per block (adapters.PATTERN_LETTERS), e.g. ["M", "A", "M"].
         recurrence: whether ssmdiag reads this model's SSM recurrence (A, Δ, states).
-        ssm_kind: "mamba1" | "mamba2" | "delta" (gated delta rule: abar_* is α at zero input) | None.  ssm_layers: block indices holding an SSM mixer.
+        ssm_kind: "mamba1" | "mamba2" | "delta" (gated delta rule: abar_* is α at zero input) | None.
+        ssm_layers: block indices holding an SSM mixer.
     """
 
     family: str
@@ -99,7 +100,8 @@ def summarize_model(adapter: Adapter, delta: float | None = None) -> ModelSummar
 
 def _summarize_delta(adapter: Adapter, summary: ModelSummary, delta: float | None) -> ModelSummary:
     """Gated-delta-rule layers: a = A = −exp(A_log) per head, abar = α at zero input (metrics.delta_influence), or
-    exp(Δ·A) at a fixed Δ = softplus(gate + dt_bias).  Parameter-only: α depends on the input, said in delta_rule."""
+    exp(Δ·A) at a fixed Δ = softplus(gate + dt_bias).  Parameter-only (α depends on the input): said in delta_rule.
+    """
     for i in summary.ssm_layers:
         A = adapter.A(i)
         if delta is None:
