@@ -46,8 +46,8 @@ R0 = 0.45 * GiB  # the process before a model: python, torch, transformers, numb
 KEEP = {"mamba1": 9.5, "mamba2": 10.0, "attention": 12.0}  # floats kept for backward per layer, token and d
 TRN_NUMBA = 8.0  # one layer's backward transient in floats per token and channel (numba engines, cuda)
 T_M1 = 6.7  # (l, d, n) float32 tensors alive at once in the chunked Mamba-1 backward
-CKPT_KEEP = 11.5  # floats per block, token and e kept WITH per-block checkpointing (1 expected: the block input;
-#                   measured: mamba-130m, 2048 tokens, numba, one point; why it is not 1 is not yet understood)
+CKPT_KEEP = 1.0  # floats per block, token and e kept with per-block checkpointing (the block input; CPU needs
+#                  metrics/checkpoint.py's fixed mmap threshold, else glibc keeps the freed activations resident)
 KEEP_SSD = 3.5  # (l, h, q) float32 tensors the chunked SSD keeps per layer for the backward
 T_SSD = 7.0  # (l, h, q) float32 tensors alive at once in the chunked SSD backward
 FWD_K = 6.0  # one layer's no-grad forward transient, floats per token and channel

@@ -15,6 +15,7 @@ those on a GPU.
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.machinery
 import sys
 import types
@@ -82,6 +83,14 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
 @pytest.fixture
 def standins(monkeypatch):
     """mamba-ssm's two modules replaced by the stand-ins; 'cpu' counts as a CUDA device for the backend."""
+    # transformers' modeling files bind mamba-ssm's functions at import when it looks installed: import them
+    # first, so no stand-in outlives this test inside transformers (test_mixer compares against their path)
+    for family in ("mamba", "falcon_mamba", "mamba2", "zamba", "jamba", "bamba", "falcon_h1", "nemotron_h", "zamba2",
+                   "granitemoehybrid"):
+        try:
+            importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            pass
     names = ["mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface", "mamba_ssm.ops.triton",
              "mamba_ssm.ops.triton.ssd_combined"]
     mods = {n: types.ModuleType(n) for n in names}
