@@ -10,7 +10,7 @@ counts users run; a command that needs another estimand (a ratio, a shape) maps 
 Comparisons follow the design: `compare_paired` when the two arms share their units (the same samples through two
 models, the same seed's training stream and test set for two variants), `compare_unpaired` (Welch) otherwise. A
 difference is called only when its interval excludes 0; otherwise the verdict is "not detected" together with the
-smallest difference the run could have detected (80% power at the 5% level: (t_.975 + t_.80)·SE), so "no
+smallest difference the run could have detected (80% power at the 5% level, through the noncentral t), so "no
 difference" is never claimed.
 """
 
@@ -191,7 +191,7 @@ class Comparison:
 
     Args:
         difference: the estimate (mean of paired differences, or difference of means).
-        mdd: the smallest true difference this design detects with 80% power at the 5% level ((t_.975 + t_.80)·SE);
+        mdd: the smallest true difference this design detects with 80% power at the 5% level (noncentral t);
             None without an interval.
         verdict: "higher" | "lower" (first vs second; the interval excludes 0) | "not detected" | "no interval".
         text: the verdict for a table, e.g. "not detected (would need > 0.12)".
@@ -214,9 +214,44 @@ class Comparison:
         return None if self.lo is None or self.hi is None else (self.lo, self.hi)
 
 
+def _t_test_power(lam: float, df: float, crit: float) -> float:
+    """Power of the two-sided t test with critical value `crit` when the true mean is `lam` standard errors from 0:
+    P(|Z + lam| > crit·S), S = √(V/df), V ~ χ²(df) — the noncentral t, integrated over V on a log grid."""
+    k = df / 2.0
+    lo, hi = math.log(1e-10), math.log(df + 60.0 * math.sqrt(2.0 * df) + 100.0)
+    steps = 1500
+    h = (hi - lo) / steps
+    norm = math.lgamma(k) + k * math.log(2.0)
+    phi = (lambda z: 0.5 * math.erfc(-z / math.sqrt(2.0)))
+    total = 0.0
+    for i in range(steps):
+        x = lo + (i + 0.5) * h
+        v = math.exp(x)
+        w = math.exp(k * x - v / 2.0 - norm)  # χ² density times v (the d(log v) Jacobian)
+        s = math.sqrt(v / df)
+        total += w * (phi(lam - crit * s) + phi(-lam - crit * s))
+    return total * h
+
+
+@functools.lru_cache(maxsize=1024)
+def _detectable_lambda(df: float, power: float, level: float) -> float:
+    """The noncentrality (true difference in standard errors) at which the t test reaches `power`."""
+    crit = t_critical(df, level)
+    lo, hi = 0.0, crit + 2.0 * t_quantile(power, df) + 10.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _t_test_power(mid, df, crit) < power else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
 def minimum_detectable(se: float, df: float, power: float = POWER, level: float = LEVEL) -> float:
-    """The smallest true difference a two-sided `level` t test detects with `power`: (t_crit + t_power)·SE."""
-    return (t_critical(df, level) + t_quantile(power, df)) * se
+    """The smallest true difference the two-sided `level` t test detects with `power`, if the spread is what was seen.
+
+    Exact through the noncentral t (the usual (t_crit + t_power)·SE shortcut gives only 73% power at 2 units).
+    """
+    if not (df > 0) or se is None or not math.isfinite(se):
+        return float("nan")
+    return _detectable_lambda(round(float(df), 3), power, level) * se
 
 
 def _verdict(diff: float, lo: float | None, hi: float | None, mdd: float | None, fmt, n: int, unit: str,
@@ -227,6 +262,8 @@ def _verdict(diff: float, lo: float | None, hi: float | None, mdd: float | None,
         return "higher", higher
     if hi < 0:
         return "lower", lower
+    if not mdd:  # every unit gave the same difference (0): no spread to size a detectable difference from
+        return NOT_DETECTED, f"{NOT_DETECTED} (the same in every one of the {n} {unit})"
     return NOT_DETECTED, f"{NOT_DETECTED} (would need > {fmt(mdd)})"
 
 
@@ -266,14 +303,3 @@ def compare_unpaired(first, second, unit: str = "samples", fmt=lambda v: f"{v:.3
     verdict, text = _verdict(diff, lo, hi, mdd, fmt, min(a.n, b.n), unit, higher, lower)
     return Comparison(diff, lo, hi, min(a.n, b.n), se, df, mdd, verdict, text, False, unit)
 
-
-def compare(a: Interval, b: Interval) -> str:
-    """DEPRECATED (the grid moves to compare_paired): 'higher' / 'lower' when a's interval lies wholly above / below
-    b's, else 'not detected'."""
-    if a.ci95 is None or b.ci95 is None:
-        return "one seed: no interval"
-    if a.lo > b.hi:
-        return "higher"
-    if a.hi < b.lo:
-        return "lower"
-    return NOT_DETECTED
