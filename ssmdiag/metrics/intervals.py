@@ -219,7 +219,7 @@ def _t_test_power(lam: float, df: float, crit: float) -> float:
     P(|Z + lam| > crit·S), S = √(V/df), V ~ χ²(df) — the noncentral t, integrated over V on a log grid."""
     k = df / 2.0
     lo, hi = math.log(1e-10), math.log(df + 60.0 * math.sqrt(2.0 * df) + 100.0)
-    steps = 1500
+    steps = 600
     h = (hi - lo) / steps
     norm = math.lgamma(k) + k * math.log(2.0)
     phi = (lambda z: 0.5 * math.erfc(-z / math.sqrt(2.0)))
@@ -251,7 +251,9 @@ def minimum_detectable(se: float, df: float, power: float = POWER, level: float 
     """
     if not (df > 0) or se is None or not math.isfinite(se):
         return float("nan")
-    return _detectable_lambda(round(float(df), 3), power, level) * se
+    df = float(df)  # λ(df) is smooth: a grid of df (quarters below 10, integers below 200) keeps Welch's real df cached
+    key = round(df * 4) / 4 if df < 10 else float(round(df)) if df < 200 else 200.0
+    return _detectable_lambda(max(key, 0.25), power, level) * se
 
 
 def _verdict(diff: float, lo: float | None, hi: float | None, mdd: float | None, fmt, n: int, unit: str,
