@@ -66,6 +66,18 @@ def _heads_first(q, k, v, g, beta, ct):
             beta.to(ct).transpose(1, 2))
 
 
+def _prepare(q, k, v, g, beta, scale, initial_state):
+    """Shared entry of both twins: checks, the compute dtype, q's scale, heads-first tensors and the start state."""
+    _check(q, k, v, g, beta, initial_state)
+    ct = compute_dtype(v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    heads_first = _heads_first(q, k, v, g, beta, ct)
+    kh, vh = heads_first[1], heads_first[2]
+    S = vh.new_zeros(kh.shape[0], kh.shape[1], kh.shape[3], vh.shape[-1]) if initial_state is None \
+        else initial_state.to(ct)
+    return ct, scale, heads_first, S
+
+
 def gated_delta_rule_ref(q, k, v, g, beta, scale=None, initial_state=None, return_states=None, chunk_size=64):
     """The gated delta rule one step at a time (transformers' recurrent form), vectorised over batch and heads.
 
@@ -78,12 +90,8 @@ def gated_delta_rule_ref(q, k, v, g, beta, scale=None, initial_state=None, retur
     Returns: o (b, l, h, p) in q's dtype; with return_states also states (b, h, n, p) / (b, l, h, n, p) /
         (b, k, h, n, p) in the compute dtype.
     """
-    _check(q, k, v, g, beta, initial_state)
-    ct = compute_dtype(v)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qh, kh, vh, gh, bh = _heads_first(q, k, v, g, beta, ct)
+    ct, scale, (qh, kh, vh, gh, bh), S = _prepare(q, k, v, g, beta, scale, initial_state)
     bsz, heads, length, n = kh.shape
-    S = vh.new_zeros(bsz, heads, n, vh.shape[-1]) if initial_state is None else initial_state.to(ct)
     outs, states = [], []
     for t in range(length):
         S = S * gh[:, :, t, :, None].exp()                              # decay the rows: (b, h, n, p)
@@ -187,12 +195,8 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, return_st
         return gated_delta_rule_ref(q, k, v, g, beta, scale, initial_state, return_states)
     if backend == "cuda":
         log_once("gated delta rule: no fused CUDA kernel in ssmdiag; running the chunked torch form")
-    _check(q, k, v, g, beta, initial_state)
-    ct = compute_dtype(v)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qh, kh, vh, gh, bh = _heads_first(q, k, v, g, beta, ct)
+    ct, scale, (qh, kh, vh, gh, bh), S = _prepare(q, k, v, g, beta, scale, initial_state)
     bsz, heads, length, n = kh.shape
-    S = vh.new_zeros(bsz, heads, n, vh.shape[-1]) if initial_state is None else initial_state.to(ct)
     stored, gather = _positions(return_states, length)
     o, last, states = _chunked(qh * scale, kh, vh, gh, bh, S, chunk_size,
                                None if stored is None or return_states == "last" else stored.to(qh.device))
