@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OPEN = re.compile(r"^<!-- cmd: (.*?) -->\s*$")
 CLOSE = "<!-- /cmd -->"
+RULE = re.compile(r"^\|\s*:?-{3,}")  # a table's header rule: | --- | or |---| or | ---: |
 NO_OUT = {"presets"}  # ssmdiag subcommands without --out
 
 
@@ -153,7 +154,7 @@ def headers(markdown: str) -> list[str]:
     """The header row of every table in a markdown text."""
     lines = markdown.splitlines()
     return [ln.strip() for k, ln in enumerate(lines)
-            if ln.startswith("|") and k + 1 < len(lines) and lines[k + 1].startswith("| ---")]
+            if ln.startswith("|") and k + 1 < len(lines) and RULE.match(lines[k + 1])]
 
 
 def render(block: Block, stdout: str) -> list[str]:

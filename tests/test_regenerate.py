@@ -68,3 +68,8 @@ def test_split_tables_keeps_each_title_with_its_table():
     tables = regen.split_tables(text)
     assert len(tables) == 3 and tables[0].startswith("**A**") and "| 1 |" in tables[0]
     assert tables[1].startswith("**B**") and tables[2].startswith("| c |")
+
+
+def test_headers_accept_every_rule_style():
+    for rule in ("| --- | --- |", "|---|---|", "| ---: | :--- |"):
+        assert regen.headers(f"| a | b |\n{rule}\n| 1 | 2 |") == ["| a | b |"]
