@@ -10,8 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import kinds as _kinds
 from .conventions import HiddenStatesLayout, cached_layout, probe_norm_whole_width
 from .errors import SsmdiagError
+from .kinds.delta_layout import delta_decay_module as _delta_decay_module
+from .kinds.delta_layout import delta_sizes as _delta_sizes
+from .kinds.mamba_keys import SSM_CONFIG_KEYS as MAMBA_CONFIG_KEYS
 
 SSM_FAMILIES = ("mamba", "mamba2", "falcon_mamba")  # pure SSMs: every block is an SSM mixer
 # Mamba-based hybrids -> the kind of their SSM mixers ("mamba1": A (d, n), Δ per channel; "mamba2": A per head)
@@ -22,43 +26,21 @@ MAMBA_FAMILIES = SSM_FAMILIES + tuple(HYBRID_FAMILIES)
 # its `_text` twin load the same layers
 DELTA_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "olmo_hybrid",
                   "kimi_linear", "bailing_hybrid", "lara_mini", "qwen4_exp", "qwen4_exp_text")
-_M1 = {"state": "mamba_d_state", "dt_rank": "mamba_dt_rank", "expand": "mamba_expand"}
-_M2 = {"state": "mamba_d_state", "heads": "mamba_n_heads", "head_dim": "mamba_d_head", "groups": "mamba_n_groups",
-       "expand": "mamba_expand"}
-# the config keys that size each family's SSM layers (what polarization's surgery rewrites); "d_inner" when the
-# config states it outright (expand is then not needed), "expand" None when d = heads · head_dim by construction
-SSM_CONFIG_KEYS = {
-    "mamba": {"state": "state_size", "dt_rank": "time_step_rank", "expand": "expand"},
-    "falcon_mamba": {"state": "state_size", "dt_rank": "time_step_rank", "expand": "expand"},
-    "mamba2": {"state": "state_size", "heads": "num_heads", "head_dim": "head_dim", "groups": "n_groups",
-               "expand": "expand"},
-    "bamba": _M2, "granitemoehybrid": _M2, "falcon_h1": {**_M2, "d_inner": "mamba_d_ssm"},
-    "nemotron_h": {"state": "ssm_state_size", "heads": "mamba_num_heads", "head_dim": "mamba_head_dim",
-                   "groups": "n_groups", "expand": None},
-    "zamba2": {"state": "mamba_d_state", "heads": "n_mamba_heads", "head_dim": "mamba_headdim",
-               "groups": "mamba_ngroups", "expand": "mamba_expand"},
-    "jamba": _M1, "zamba": _M1,
-}  # every family whose SSM layers ssmdiag sees
-SUPPORTED_FAMILIES = MAMBA_FAMILIES + DELTA_FAMILIES + ("gpt_neox",)
+SSM_CONFIG_KEYS = MAMBA_CONFIG_KEYS  # per family: the keys that size its SSM layers (kinds/mamba_keys.py)
+# the other recurrences (RG-LRU, RWKV, mLSTM, short convolutions): ssmdiag/kinds/, one registered kind each
+SUPPORTED_FAMILIES = MAMBA_FAMILIES + DELTA_FAMILIES + _kinds.families() + ("gpt_neox",)
 # where a block keeps its SSM mixer / its attention, per family layout (first match wins); a delta-rule layer sits
 # at .linear_attn (Qwen, OLMo) or .self_attn (Kimi-Linear, Bailing-hybrid: their "delta attention")
 _SSM_PATHS = ("mixer", "mamba", "mamba_decoder.mamba")
 _DELTA_PATHS = ("linear_attn", "self_attn")
-_ATTN_PATHS = ("self_attn", "attention", "attn", "mixer", "shared_transformer.self_attn", "shared_transf.self_attn")
+_ATTN_PATHS = ("self_attn", "attention", "attn", "mixer", "temporal_block", "shared_transformer.self_attn",
+               "shared_transf.self_attn")
 # layer pattern letters (docs/families.md)
 PATTERN_LETTERS = {"M": "SSM mixer", "A": "attention", "P": "attention and SSM in parallel (Falcon-H1)",
                    "S": "shared attention block, then SSM (Zamba, Zamba2)",
                    "G": "gated delta rule, one decay per head (Qwen3-Next, Qwen3.5, OLMo-hybrid)",
                    "K": "gated delta rule, one decay per head and key channel (Kimi-Linear, Bailing-hybrid)",
-                   "F": "MLP / MoE only", "?": "unknown"}
-
-
-def _delta_decay_module(m) -> nn.Module | None:
-    """The module holding a gated-delta-rule layer's A_log: the layer itself, or (Kimi-style) its forget_gate."""
-    if hasattr(m, "A_log") and hasattr(m, "dt_bias"):
-        return m
-    gate = getattr(m, "forget_gate", None)
-    return gate if hasattr(gate, "A_log") else None
+                   **_kinds.letters(), "F": "MLP / MoE only", "?": "unknown"}
 
 
 def _get_path(module: nn.Module, path: str):
@@ -83,18 +65,24 @@ class Adapter:
     @property
     def is_ssm(self) -> bool:
         """Whether ssmdiag sees recurrent layers in this model (pure SSMs, Mamba-based hybrids, gated delta rules)."""
-        return self.family in MAMBA_FAMILIES or self.family in DELTA_FAMILIES
+        return self.family in MAMBA_FAMILIES or self.family in DELTA_FAMILIES or self.recurrent_kind is not None
 
     @property
     def is_hybrid(self) -> bool:
-        return self.family in HYBRID_FAMILIES or self.family in DELTA_FAMILIES
+        rk = self.recurrent_kind
+        return self.family in HYBRID_FAMILIES or self.family in DELTA_FAMILIES or bool(rk and self.family not in rk.pure)
+
+    @property
+    def recurrent_kind(self) -> _kinds.RecurrentKind | None:
+        """The registered kind (ssmdiag/kinds/: RG-LRU, RWKV, mLSTM, short conv) of this family's layers, or None."""
+        return _kinds.kind_of_family(self.family)
 
     @property
     def ssm_kind(self) -> str | None:
         """"mamba1" (A (d, n), Δ per channel) | "mamba2" (A and Δ per head) | "delta" (gated delta rule, α per
-        head or per head and key channel) | None (no SSM layers)."""
-        if self.family in DELTA_FAMILIES:
-            return "delta"
+        head or per head and key channel) | a registered kind's name (kinds/) | None (no SSM layers)."""
+        if self.family in DELTA_FAMILIES or self.recurrent_kind is not None:
+            return "delta" if self.family in DELTA_FAMILIES else self.recurrent_kind.kind
         if self.family in HYBRID_FAMILIES:
             return HYBRID_FAMILIES[self.family]
         if self.family in SSM_FAMILIES:
@@ -191,6 +179,8 @@ class Adapter:
         """The block's SSM mixer (the module holding A_log), or None (attention / MLP blocks, non-SSM families)."""
         if not self.is_ssm:
             return None
+        if self.recurrent_kind is not None:
+            return _kinds.find_layer(block, self.recurrent_kind)
         if self.ssm_kind == "delta":
             for path in _DELTA_PATHS:
                 m = _get_path(block, path)
@@ -207,7 +197,8 @@ class Adapter:
         """The block's self-attention module, or None."""
         for path in _ATTN_PATHS:
             m = _get_path(block, path)
-            if m is not None and not hasattr(m, "A_log") and _delta_decay_module(m) is None and any(
+            if m is not None and not hasattr(m, "A_log") and _delta_decay_module(m) is None and (
+                    _kinds.kind_of_module(m) is None) and any(
                     hasattr(m, a) for a in ("q_proj", "query_key_value", "qkv_proj", "c_attn", "o_proj", "k_proj")):
                 return m
         return None
@@ -225,7 +216,8 @@ class Adapter:
 
     def mixer_norm(self, block: nn.Module) -> nn.Module | None:
         """The norm applied to the block input before the mixer."""
-        for name in ("norm", "input_layernorm", "ln_1", "ln_attn", "mamba_decoder.input_layernorm"):
+        extra = self.recurrent_kind.norm_paths if self.recurrent_kind is not None else ()
+        for name in (*extra, "norm", "input_layernorm", "ln_1", "ln_attn", "mamba_decoder.input_layernorm"):
             m = _get_path(block, name)
             if m is not None:
                 return m
@@ -238,6 +230,8 @@ class Adapter:
             return "S" if _get_path(block, "mamba_decoder") is not None else "P"
         if ssm is not None and self.ssm_kind == "delta":
             return "K" if hasattr(ssm, "forget_gate") else "G"
+        if ssm is not None and self.recurrent_kind is not None:
+            return self.recurrent_kind.letter
         if ssm is not None:
             return "M"
         if attn is not None:
@@ -256,7 +250,8 @@ class Adapter:
 
     def final_norm(self) -> nn.Module | None:
         base = self.base()
-        for name in ("norm_f", "final_layer_norm", "final_layernorm", "norm", "ln_f"):
+        extra = self.recurrent_kind.final_norms if self.recurrent_kind is not None else ()
+        for name in (*extra, "norm_f", "final_layer_norm", "final_layernorm", "norm", "ln_f"):
             if hasattr(base, name):
                 return getattr(base, name)
         return None
@@ -292,8 +287,8 @@ class Adapter:
     def d_inner(self) -> int | None:
         """SSM channels d of one SSM layer (Mamba-2: h · p)."""
         m = self._first_ssm()
-        if m is None:
-            return None
+        if m is None or self.recurrent_kind is not None:
+            return self.kind_size("d_inner")
         if self.ssm_kind == "delta":
             h, _, _, p = _delta_sizes(m)
             return h * p
@@ -304,8 +299,8 @@ class Adapter:
     @property
     def d_state(self) -> int | None:
         m = self._first_ssm()
-        if m is None:
-            return None
+        if m is None or self.recurrent_kind is not None:
+            return self.kind_size("d_state")
         if self.ssm_kind == "delta":  # the key dim n: the state is (n, p) per head
             return _delta_sizes(m)[2]
         return int(m.ssm_state_size) if self.ssm_kind == "mamba2" else int(m.A_log.shape[-1])
@@ -313,6 +308,8 @@ class Adapter:
     @property
     def n_heads(self) -> int | None:
         """Mamba-2 SSM heads (A is one scalar per head), delta-rule value heads; None for Mamba-1 kinds and others."""
+        if self.recurrent_kind is not None:
+            return self.kind_size("heads")
         m = self._first_ssm()
         if m is not None and self.ssm_kind == "delta":
             return _delta_sizes(m)[0]
@@ -320,6 +317,8 @@ class Adapter:
 
     @property
     def head_dim(self) -> int | None:
+        if self.recurrent_kind is not None:
+            return self.kind_size("head_dim")
         heads = self.n_heads
         return self.d_inner // heads if heads else None
 
@@ -327,9 +326,16 @@ class Adapter:
     def n_groups(self) -> int | None:
         """Mamba-2 B/C groups g (delta-rule layers: key heads, shared like B/C groups)."""
         m = self._first_ssm()
+        if self.recurrent_kind is not None:
+            return self.kind_size("groups")
         if m is not None and self.ssm_kind == "delta":
             return _delta_sizes(m)[1]
         return int(m.n_groups) if m is not None and self.ssm_kind == "mamba2" else None
+
+    def kind_size(self, key: str) -> int | None:
+        """A registered kind's size `key` (kinds.SIZE_KEYS) of its first recurrent layer, or None."""
+        m = self._first_ssm()
+        return None if m is None else self.recurrent_kind.sizes(m).get(key)
 
     @property
     def ssm_norm_whole_width(self) -> bool:
@@ -345,6 +351,8 @@ class Adapter:
     # --- SSM parameters ------------------------------------------------------------------
     def _ssm_at(self, layer: int) -> nn.Module:
         self._require_ssm()
+        if self.recurrent_kind is not None:
+            raise SsmdiagError(f"{self.model_type}: its {self.recurrent_kind.kind} layers have no Mamba A / Δ", hint="see info")
         mixer = self.ssm_mixer(self.blocks()[layer])
         if mixer is None:
             raise SsmdiagError(f"layer {layer} of this {self.family} model is not an SSM layer",
@@ -379,13 +387,6 @@ class Adapter:
                 f"this needs an SSM layer, but {self.model_type} models have none that ssmdiag can read",
                 hint=f"use a Mamba-based checkpoint (families: {', '.join(MAMBA_FAMILIES)})",
             )
-
-
-def _delta_sizes(m: nn.Module) -> tuple[int, int, int, int]:
-    """(value heads h, key heads hk, key dim n, value dim p) of a gated-delta-rule layer, from its attributes."""
-    if hasattr(m, "forget_gate"):  # Kimi-style: one head count, one head dim
-        return int(m.num_heads), int(m.num_heads), int(m.head_dim), int(m.head_dim)
-    return int(m.num_v_heads), int(m.num_k_heads), int(m.head_k_dim), int(m.head_v_dim)
 
 
 def family_of(config) -> str:

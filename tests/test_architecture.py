@@ -27,6 +27,8 @@ FORBIDDEN = {
                 "parse", "plots"},
     "adapters": {"loading", "metrics", "polarize", "training", "jobs", "commands", "cli", "results", "console",
                  "options", "parse", "plots", "kernels"},
+    "kinds": {"adapters", "loading", "metrics", "polarize", "training", "jobs", "commands", "cli", "results",
+              "console", "options", "parse", "plots", "kernels", "data", "runtime", "presets", "hub", "conventions"},
     "report": {"loading", "metrics", "polarize", "training", "jobs", "commands", "cli", "console", "options", "parse",
                "plots", "kernels", "adapters", "data", "runtime"},
 }

@@ -27,6 +27,7 @@ import torch
 
 from .backend import resolve_backend
 from .delta_mixer import DELTA_KINDS, gated_delta_mixer
+from .kinds import KERNEL_KINDS, kernel_kind_of
 from .mixers import (LayerRecord, MixerState, Recorder, mamba1_mixer, mamba2_mixer,  # noqa: F401
                      zamba_mixer)
 
@@ -36,6 +37,7 @@ MIXER_KINDS = {"MambaMixer": "mamba1", "FalconMambaMixer": "mamba1", "JambaMamba
                "FalconH1Mixer": "mamba2", "GraniteMoeHybridMambaLayer": "mamba2", "NemotronHMamba2Mixer": "mamba2",
                "Zamba2MambaMixer": "mamba2", **{name: "delta" for name in DELTA_KINDS}}
 _COMPUTE = {"mamba1": mamba1_mixer, "zamba": zamba_mixer, "mamba2": mamba2_mixer, "delta": gated_delta_mixer}
+# the registered kinds (kernels/kinds.py) register on import: one line per kind module, sorted
 
 
 # --- state ------------------------------------------------------------------------------------------------
@@ -47,7 +49,7 @@ class StateCarry:
 
     def clone(self) -> "StateCarry":
         """An independent copy (to fork a prefix's state)."""
-        return StateCarry({i: MixerState(s.conv.clone(), s.ssm.clone()) for i, s in self.layers.items()})
+        return StateCarry({i: s.clone() for i, s in self.layers.items()})
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -56,18 +58,30 @@ class StateCarry:
 _cache_carries: "weakref.WeakKeyDictionary[object, StateCarry]" = weakref.WeakKeyDictionary()
 
 
-def find_mixers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module, str]]:
+def find_mixers(model: torch.nn.Module, companions: bool = False) -> list[tuple[int, torch.nn.Module, str]]:
     """[(layer index, mixer, kind "mamba1" | "zamba" | "mamba2" | "delta")] in model order.
 
     A gated-delta-rule layer ("delta", kernels/delta_mixer.py) keeps A_log on itself or, Kimi-style, on its
-    forget_gate.
+    forget_gate.  The registered kinds (kernels/kinds.py) are found by class name; `companions` adds their companion
+    modules (KernelKind.layer False), which carry state but are not layers of their own.
     """
     found = []
-    for module in model.modules():
-        kind = MIXER_KINDS.get(type(module).__name__)
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        kind = MIXER_KINDS.get(cls)
         if kind is not None and (hasattr(module, "A_log") or hasattr(getattr(module, "forget_gate", None), "A_log")):
             found.append((int(getattr(module, "layer_idx", len(found))), module, kind))
+        elif (kk := kernel_kind_of(cls)) is not None and (kk.layer or companions):
+            found.append((_layer_index(name, module, len(found)), module, kk.kind))
     return found
+
+
+def _layer_index(name: str, module: torch.nn.Module, default: int) -> int:
+    """The block index of a module: its layer_idx / layer_id, else the first integer in its dotted name."""
+    for attr in ("layer_idx", "layer_id"):
+        if isinstance(getattr(module, attr, None), int):
+            return int(getattr(module, attr))
+    return next((int(p) for p in name.split(".") if p.isdigit()), default)
 
 
 def install(model: torch.nn.Module, backend: str = "auto") -> str:
@@ -82,10 +96,12 @@ def install(model: torch.nn.Module, backend: str = "auto") -> str:
     mixers = find_mixers(model)
     if not mixers:
         return "hf"
-    for _, mixer, kind in mixers:
+    for idx, mixer, kind in find_mixers(model, companions=True):
         mixer._ssmdiag_backend = backend
         mixer._ssmdiag_kind = kind
-        mixer.forward = types.MethodType(_mixer_forward, mixer)  # shadows the class's forward
+        mixer._ssmdiag_layer = idx
+        forward = _kind_forward if kind in KERNEL_KINDS else _mixer_forward
+        mixer.forward = types.MethodType(forward, mixer)  # shadows the class's forward
     device = next(model.parameters()).device
     return resolve_backend(backend, device, None, op="ssd" if mixers[0][2] in ("mamba2", "delta") else "selective")
 
@@ -103,8 +119,9 @@ def installed(model: torch.nn.Module) -> bool:
 
 def uninstall(model: torch.nn.Module) -> None:
     """Give the model's mixers back their transformers forward."""
-    for _, mixer, _ in find_mixers(model):
-        for name in ("forward", "_ssmdiag_backend", "_ssmdiag_kind", "_ssmdiag_recorder", "_ssmdiag_carry"):
+    for _, mixer, _ in find_mixers(model, companions=True):
+        for name in ("forward", "_ssmdiag_backend", "_ssmdiag_kind", "_ssmdiag_recorder", "_ssmdiag_carry",
+                     "_ssmdiag_layer"):
             mixer.__dict__.pop(name, None)
 
 
@@ -130,13 +147,14 @@ def carry(model: torch.nn.Module, state: StateCarry):
 
     Call the model with ``use_cache=False`` inside: the carry replaces transformers' cache for SSM layers.
     """
-    with _installed_for(model, "carry()") as mixers:
-        for _, m, _ in mixers:
+    with _installed_for(model, "carry()"):
+        carried = find_mixers(model, companions=True)
+        for _, m, _ in carried:
             m._ssmdiag_carry = state
         try:
             yield state
         finally:
-            for _, m, _ in mixers:
+            for _, m, _ in carried:
                 m._ssmdiag_carry = None
 
 
@@ -176,9 +194,7 @@ def _mixer_forward(mixer, hidden_states, *args, **kwargs):
     """The installed forward: (b, l, e) -> (b, l, e), carrying state when a carry or cache is given."""
     cache = kwargs.get("cache", kwargs.get("cache_params", args[0] if args else None))
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-    state = getattr(mixer, "_ssmdiag_carry", None)
-    if state is None and cache is not None:
-        state = _cache_carries.setdefault(cache, StateCarry())
+    state = _carry_of(mixer, cache)
     compute = _COMPUTE[mixer._ssmdiag_kind]
     idx = int(mixer.layer_idx)
     out, new = compute(mixer, hidden_states, None if state is None else state.layers.get(idx), mask,
@@ -188,3 +204,23 @@ def _mixer_forward(mixer, hidden_states, *args, **kwargs):
     return out
 
 
+def _carry_of(mixer, cache) -> StateCarry | None:
+    """The StateCarry a forward continues from: carry()'s, else the one tied to a transformers cache, else None."""
+    state = getattr(mixer, "_ssmdiag_carry", None)
+    if state is None and cache is not None:
+        state = _cache_carries.setdefault(cache, StateCarry())
+    return state
+
+
+def _kind_forward(mixer, *args, **kwargs):
+    """The installed forward of a registered kind (kernels/kinds.py): its own arguments, its own return value."""
+    kk = KERNEL_KINDS[mixer._ssmdiag_kind]
+    hidden, cache, mask, extra = kk.call(args, kwargs)
+    state = _carry_of(mixer, cache)
+    key = mixer._ssmdiag_layer if kk.layer else (mixer._ssmdiag_layer, kk.kind)
+    out, new = kk.compute(mixer, hidden, None if state is None else state.layers.get(key), mask,
+                          mixer._ssmdiag_backend, getattr(mixer, "_ssmdiag_recorder", None) if kk.layer else None,
+                          state is not None, **extra)
+    if state is not None:
+        state.layers[key] = new
+    return kk.wrap(out, mixer, args, kwargs)

@@ -33,6 +33,9 @@ class MixerState:
     conv: torch.Tensor  # (b, d, w - 1) / (b, d + 2gn, w - 1): the last w - 1 conv inputs, in the model's dtype
     ssm: torch.Tensor  # (b, d, n) Mamba-1 / (b, h, p, n) Mamba-2, float32 (float64 for float64 models)
 
+    def clone(self) -> "MixerState":
+        return MixerState(None if self.conv is None else self.conv.clone(), self.ssm.clone())
+
 
 # --- recording --------------------------------------------------------------------------------------------
 @dataclass

@@ -21,6 +21,7 @@ import torch
 
 from ..kernels.delta_mixer import DeltaRecord
 from .delta_influence import delta_layer_rows
+from .layer_rows import rows_for
 
 A_FLOOR = -1e300  # A = -inf would give -inf · 0 = NaN where ΣΔ = 0 (s = t); a finite floor gives exp(0) = 1
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -159,6 +160,9 @@ def per_layer_rows(model: torch.nn.Module, adapter, ids: torch.Tensor,
             lr = rec.layers[layer]
             if isinstance(lr, DeltaRecord):  # gated delta rule: its effective attention (metrics.delta_influence)
                 out[k, i] = delta_layer_rows(lr, targets)[0].cpu().numpy()
+                continue
+            if (rows := rows_for(lr)) is not None:  # a registered kind (metrics/layer_rows.py)
+                out[k, i] = rows(lr, targets)[0].double().cpu().numpy()
                 continue
             for j, t in enumerate(targets):
                 out[k, i, j, : t + 1] = layer_alpha(lr, t).norm(dim=-1).numpy()

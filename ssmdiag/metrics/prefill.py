@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..adapters import DELTA_FAMILIES, HYBRID_FAMILIES, SSM_FAMILIES
+from ..kinds import kind_of_family
 
 MODES = ("carry", "hybrid", "kv", "whole")
 
@@ -54,6 +55,9 @@ def default_mode(family: str) -> str:
     layers' state lives in ssmdiag's StateCarry, their attention layers in transformers' cache."""
     if family in SSM_FAMILIES:
         return "carry"
+    kind = kind_of_family(family)  # a registered kind (kinds/): pure recurrent families carry, the others are hybrids
+    if kind is not None:
+        return "carry" if family in kind.pure else "hybrid"
     return "hybrid" if family in HYBRID_FAMILIES or family in DELTA_FAMILIES else "kv"
 
 
@@ -242,7 +246,7 @@ def check_state_carry(model: nn.Module, family: str, vocab: int, dtype: torch.dt
         many.feed(cache, ids[seg:])
         again = many.feed(many.restore(cache, mark), ids[seg:], all_logits=True)
     except Exception as exc:  # a recurrent family whose cache cannot be continued or cropped
-        if family != "other" and family not in DELTA_FAMILIES:
+        if family != "other" and family not in DELTA_FAMILIES and kind_of_family(family) is None:
             raise
         return CarryCheck(False, float("nan"), float("nan"), float("nan"), mode,
                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")

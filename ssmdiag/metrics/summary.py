@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,8 @@ def summarize_model(adapter: Adapter, delta: float | None = None) -> ModelSummar
     summary.ssm_layers = adapter.ssm_layers()
     if adapter.ssm_kind == "delta":
         return _summarize_delta(adapter, summary, delta)
+    if adapter.recurrent_kind is not None:
+        return _summarize_kind(adapter, summary)
     unit = "head" if adapter.ssm_kind == "mamba2" else "channel"
     summary.delta_rule = f"Δ = softplus(dt_bias) per {unit}" if delta is None else f"Δ = {delta:g}"
     for i in summary.ssm_layers:
@@ -114,4 +117,22 @@ def _summarize_delta(adapter: Adapter, summary: ModelSummary, delta: float | Non
                                   "gate ignores its dt_bias here; α depends on the input)")
         summary.layers_a.append(LayerA(layer=i, a_min=A.min().item(), a_median=A.median().item(),
                                        a_max=A.max().item(), abar_min=lo, abar_median=med, abar_max=hi))
+    return summary
+
+
+def _summarize_kind(adapter: Adapter, summary: ModelSummary) -> ModelSummary:
+    """A registered kind (ssmdiag/kinds/: RG-LRU, RWKV, mLSTM, short conv): abar = its per-step decay factor at zero
+    input (kind.decay; its rule, in delta_rule), a = log of it.  No decay (a short convolution's hard window): no
+    row, and delta_rule says so."""
+    kind = adapter.recurrent_kind
+    summary.delta_rule = kind.decay_rule
+    for i in summary.ssm_layers:
+        decay = kind.decay(adapter.ssm_mixer(adapter.blocks()[i]))
+        if decay is None:
+            continue
+        vals = sorted(decay.double().flatten().tolist())
+        med = vals[(len(vals) - 1) // 2]  # the lower median: an actual value, like torch.median
+        logs = [math.log(v) if v > 0 else -math.inf for v in (vals[0], med, vals[-1])]
+        summary.layers_a.append(LayerA(layer=i, a_min=logs[0], a_median=logs[1], a_max=logs[2],
+                                       abar_min=vals[0], abar_median=med, abar_max=vals[-1]))
     return summary
