@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from ssmdiag.kernels.delta_mixer import DELTA_KINDS, delta_kind, describe, gated_delta_mixer, zero_input_decay
 from ssmdiag.kernels.delta_rule import gated_delta_rule, gated_delta_rule_ref
 from ssmdiag.kernels.mixers import Recorder
-from ssmdiag.metrics.delta_influence import (delta_attention_rows, delta_layer_decay, delta_layer_rows,
-                                             delta_transport_bound, delta_transport_rows)
+from ssmdiag.kernels.delta_mixer import DeltaRecord
+from ssmdiag.metrics.delta_influence import (DeltaBoundAccumulator, delta_attention_rows, delta_layer_decay,
+                                             delta_layer_rows, delta_row_bound, delta_transport_bound,
+                                             delta_transport_rows)
 
 
 def _inputs(per_channel: bool, b=2, L=23, hk=2, h=4, n=8, p=6, dtype=torch.float64, seed=0, beta_max=2.0):
@@ -133,6 +135,69 @@ def test_transport_rows_are_the_state_jacobian_and_obey_the_bound(per_channel):
 def test_bound_is_flagged_when_beta_leaves_zero_to_two():
     _, _, _, g, beta, _ = _inputs(False, beta_max=3.0)
     assert not delta_transport_bound(g, beta, [5])[1]
+
+
+def _record(q, k, g, beta, n):
+    return DeltaRecord(layer=0, kind="channel" if g.dim() == 4 else "head", backend="torch", q=q, k=k, g=g,
+                       beta=beta, scale=n ** -0.5)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-head", "per-channel"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_row_bound_holds_entry_by_entry_on_random_layers(per_channel, seed):
+    """|w_{t,s}| ≤ β_s ‖k_s‖ ‖q̃_t‖ ∏ max α per head, so ‖w‖ over heads ≤ the bound row (β up to 2)."""
+    q, k, _, g, beta, _ = _inputs(per_channel, L=40, seed=seed, beta_max=2.0)
+    targets = [39, 20, 7]
+    rec = _record(q, k, g, beta, q.shape[-1])
+    rows, bound = delta_layer_rows(rec, targets), delta_row_bound(rec, targets)
+    assert (rows <= bound * (1 + 1e-12)).all() and (rows[:, 0, :30] > 0).all()
+    acc = DeltaBoundAccumulator(0, rec.kind, 2.0)
+    acc.add(rec, rows, targets)
+    res = acc.result()
+    slow = g.amax(-1) if per_channel else g
+    assert res.holds and res.rows_within and 0 < res.excess <= 1
+    assert res.rate == pytest.approx(-float(slow.max())) and res.rate_mean >= res.rate
+    assert res.rate_mean == pytest.approx(-float(slow.mean(dim=(0, 1)).max()))
+    assert ("per key channel" in res.note) == per_channel
+
+
+def test_per_channel_bound_is_attained_by_a_key_orthogonal_to_the_slowest_channel():
+    """diag(α)(I − β k kᵀ) with k ⟂ e_0 and α_0 = max α: Φ e_0 = ∏ α_0 e_0, so ‖Φ‖₂ = ∏ max α exactly."""
+    L, n = 8, 4
+    g_ = torch.Generator().manual_seed(3)
+    g = -torch.rand(1, L, 1, n, generator=g_, dtype=torch.float64) - 0.5
+    g[..., 0] = -0.1  # channel 0 the slowest at every step
+    k = torch.randn(1, L, 1, n, generator=g_, dtype=torch.float64)
+    k[..., 0] = 0
+    k = F.normalize(k, dim=-1)
+    beta = torch.rand(1, L, 1, generator=g_, dtype=torch.float64) * 2
+    t = L - 1
+    S = torch.eye(n, dtype=torch.float64)[None, None]                       # (b, h, n, p = n): Φ itself
+    v = torch.zeros(1, L, 1, n, dtype=torch.float64)
+    phi = gated_delta_rule_ref(k[:, 1:], k[:, 1:], v[:, 1:], g[:, 1:], beta[:, 1:], initial_state=S,
+                               return_states="last")[1][0, 0]              # Φ_{t,0}
+    bound, holds = delta_transport_bound(g, beta, [t])
+    assert holds
+    torch.testing.assert_close(torch.linalg.matrix_norm(phi, 2), bound[0, 0, 0, 0])
+    assert float(bound[0, 0, 0, 0]) == pytest.approx(float(torch.exp(torch.tensor(-0.1 * t))))
+
+
+def test_beta_above_two_breaks_the_bound_and_is_flagged():
+    """β = 3 on one unit key: I − 3kkᵀ has the eigenvalue −2, so the transport grows as (2α)^d past ∏ α."""
+    L, n = 12, 4
+    k = F.normalize(torch.ones(1, L, 1, n, dtype=torch.float64), dim=-1)
+    q = k.clone()
+    g = torch.full((1, L, 1), float(torch.log(torch.tensor(0.9))), dtype=torch.float64)
+    beta = torch.full((1, L, 1), 3.0, dtype=torch.float64)
+    t = L - 1
+    bound, holds = delta_transport_bound(g, beta, [t])
+    norms = delta_transport_rows(k, g, beta, [t])[0, 0, :, 0]            # Frobenius; here rank-one growth on k
+    assert not holds and norms[0] > 100 * bound[0, 0, 0, 0] * n ** 0.5
+    rec = _record(q, k, g, beta, n)
+    acc = DeltaBoundAccumulator(0, "head", 3.0)
+    acc.add(rec, delta_layer_rows(rec, [t]), [t])
+    res = acc.result()
+    assert not res.holds and not res.rows_within and res.excess > 100 and "not a bound" in res.note
 
 
 # --- layers vs transformers -----------------------------------------------------------------------------------

@@ -239,10 +239,13 @@ def test_cli_info_influence_needle_show_the_delta_layers(family, tiny_root, tiny
     path = save_checkpoint(make_delta(family), tiny_root / f"delta-{family}", tiny_tokenizer_dir)
     layers = [i for i, _, _ in mx.find_mixers(make_delta(family))]
 
+    printed = {}
+
     def run(*args):
         out = tmp_path / args[0]
         res = CliRunner().invoke(app, [args[0], str(path), *args[1:], "--out", str(out), "--quiet"])
         assert res.exit_code == 0 and "Traceback" not in res.output, res.output[-1500:]
+        printed[args[0]] = res.output
         return json.loads(sorted(Path(out).rglob("result.json"))[-1].read_text())["metrics"]
 
     s = run("info")["summary"]
@@ -250,6 +253,12 @@ def test_cli_info_influence_needle_show_the_delta_layers(family, tiny_root, tiny
     assert set(s["pattern"]) & {"G", "K"} and "?" not in s["pattern"] and "parameter-only" in s["delta_rule"]
     m = run("influence", "--seq-len", "24", "--samples", "2", "--per-layer")["models"][0]
     assert [r["layer"] for r in m["per_layer"]] == layers
+    for r in m["per_layer"]:  # the ∏ max α bound per delta layer: a theorem here (β ≤ 1), every row under it
+        b = r["bound"]
+        assert b["holds"] and b["rows_within"] and 0 < b["excess"] <= 1 and b["beta_limit"] == 1.0, b
+        assert 0 <= b["rate"] <= b["rate_mean"] and b["key_norm_max"] < 1 and 0 < b["beta_max"] < 1
+        assert ("per key channel" in b["note"]) == (family == "kimi_linear")
+    assert "bound (∏ max α)" in printed["influence"] and " ok" in printed["influence"]
     n = run("needle", "--lengths", "200,300", "--depths", "0,50,100", "--max-new-tokens", "2", "--prefill-chunk", "64")
     assert n["carry_check"]["ok"] is True and n["carry_check"]["mode"] == "hybrid"
     assert n["reuse"]["computed_tokens"] < n["reuse"]["prompt_tokens"]

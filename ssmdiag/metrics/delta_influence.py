@@ -14,8 +14,14 @@ Both are computed by one backward sweep from the largest target, never forming a
 - attention rows carry z = Φ_{t,s}ᵀ q̃_t, z ← Diag(α_r)(z − β_r k_r (k_r·z)): O(t·n) per head and target;
 - transport rows carry M = Φ_{t,s}, M ← (M − β_r (M k_r) k_rᵀ) Diag(α_r): O(t·n²) per head and target.
 The Ā-style bound ‖Φ_{t,s}‖₂ ≤ Π_{r=s+1..t} max_c α_r,c holds when every ‖I − β_r k_r k_rᵀ‖₂ ≤ 1, i.e. ‖k_r‖ ≤ 1
-and β_r ∈ [0, 2] (OLMo-hybrid's β reaches 2: still inside; larger β or unnormalised keys break it).  With one α
-per key channel the bound takes the slowest channel: the correction mixes channels, so no channel decays alone.
+and β_r ∈ [0, 2]: I − βkkᵀ has the eigenvalues 1 (n − 1 times) and 1 − β‖k‖² ∈ [−1, 1].  The keys are normalised
+(‖k‖ = (1 + ε/Σx²)^−½ < 1); β = σ(b) < 1, or 2σ(b) < 2 where a layer allows negative eigenvalues (OLMo-hybrid's
+allow_neg_eigval): still inside, the transport may flip sign but never grows.  β > 2 breaks it (‖I − βkkᵀ‖₂ =
+β‖k‖² − 1 > 1 for a unit key).  With one α per key channel, ‖(I − βkkᵀ) Diag(α)‖₂ ≤ ‖I − βkkᵀ‖₂ · max_c α_c: the
+bound takes the slowest channel, and no better holds in general: the correction mixes channels, so a fast channel
+does not decay alone, and a key orthogonal to the slowest channel attains it (tests/test_delta_rule.py).  From it,
+per head, |w_{t,s}| ≤ β_s ‖k_s‖ ‖q̃_t‖ Π_{r=s+1..t} max_c α_r,c (delta_row_bound): a layer's influence row falls at
+least at the rate −ln(max α) of its slowest head and channel over the tokens (DeltaLayerBound, `influence --per-layer`).
 
 Dimension letters (docs/architecture.md): b batch, l time, h (value) heads, hk key heads, n key dim, T targets.
 """
@@ -126,6 +132,130 @@ def delta_layer_rows(record: DeltaRecord, targets) -> torch.Tensor:
         raise ValueError("delta_layer_rows needs a record made with params=True")
     rows = delta_attention_rows(record.q, record.k, record.g, record.beta, targets, record.scale)
     return rows.norm(dim=-1)
+
+
+BETA_LIMIT = 2.0  # ‖I − β k kᵀ‖₂ ≤ 1 for ‖k‖ ≤ 1 exactly when 0 ≤ β ≤ 2
+ROW_REL_TOL = 1e-9  # rows and their bound are both float64 from the same recorded tensors: only rounding apart
+
+
+def delta_row_bound(record: DeltaRecord, targets) -> torch.Tensor:
+    """The bound on one layer's influence rows, (b, T, l) float64: ‖ β_s ‖k_s‖ ‖q̃_t‖ Π_{s<r≤t} max_c α_r,c ‖ over heads.
+
+    Holds entry by entry against delta_layer_rows wherever every β ∈ [0, 2] and ‖k‖ ≤ 1 (module docstring).
+
+    Args:
+        record: the layer's DeltaRecord from a forward recorded with params=True.  targets: T positions.
+    """
+    if record.q is None:
+        raise ValueError("delta_row_bound needs a record made with params=True")
+    q, k, _, beta = _value_heads(record.q, record.k, record.g, record.beta)
+    tg = _targets(targets, k.shape[1]).to(k.device)
+    span, _ = delta_transport_bound(record.g, record.beta, targets)                 # (b, T, l, h)
+    qn = record.scale * q[:, tg].norm(dim=-1)                                         # (b, T, h)
+    per_head = span * (beta * k.norm(dim=-1))[:, None] * qn[:, :, None]              # (b, T, l, h)
+    return per_head.norm(dim=-1)
+
+
+@dataclass
+class DeltaLayerBound:
+    """The Ā-style bound of one gated-delta-rule layer on the run's inputs, for `influence --per-layer`.
+
+    Args:
+        rate: −ln(max α) over heads (and key channels) and every token of every sample: the layer's rows fall at
+            least this fast per token when `holds` (|w_{t,s}| ≤ C · exp(−rate·(t − s)), delta_row_bound).
+        rate_mean: the slowest head's rate at its mean over tokens of max_c log α (Π max α over a long span on these
+            inputs; not a bound).
+        beta_max: the largest β seen.  beta_limit: the top of β's range in this layer (1: σ(b); 2: 2σ(b)).
+        key_norm_max: the largest ‖k‖ seen (< 1: normalised keys).
+        holds: β ∈ [0, 2] and ‖k‖ ≤ 1 on every token, so ‖I − β k kᵀ‖₂ ≤ 1 and the bound is a theorem here.
+        rows_within: every measured row entry ≤ its bound (relative slack ROW_REL_TOL); excess: max of row / bound.
+        note: why the bound holds or not, for this layer's kind.
+    """
+
+    layer: int
+    rate: float
+    rate_mean: float
+    beta_max: float
+    beta_limit: float
+    key_norm_max: float
+    holds: bool
+    rows_within: bool
+    excess: float
+    note: str
+
+
+def _bound_note(kind: str, beta_limit: float, holds: bool, beta_max: float) -> str:
+    if not holds:
+        return (f"not a bound: β reaches {beta_max:.3g} > 2 (or a key is longer than 1), so ‖I − β k kᵀ‖₂ > 1 and "
+                "the delta correction can grow the state")
+    note = ("β = 2σ(b) < 2: I − β k kᵀ may have a negative eigenvalue (down to −1) but its norm stays ≤ 1"
+            if beta_limit > 1 else "β = σ(b) < 1: ‖I − β k kᵀ‖₂ ≤ 1")
+    if kind == "channel":
+        note += ("; α per key channel: ‖(I − β k kᵀ) Diag(α)‖₂ ≤ max α, the slowest channel (the correction mixes "
+                 "channels, so faster channels do not decay alone)")
+    return note
+
+
+class DeltaBoundAccumulator:
+    """Collects one delta layer's bound over samples: feed each sample's record and its measured rows."""
+
+    def __init__(self, layer: int, kind: str, beta_limit: float):
+        self.layer, self.kind, self.beta_limit = layer, kind, beta_limit
+        self.g_max, self.beta_max, self.k_max, self.excess = -float("inf"), 0.0, 0.0, 0.0
+        self.beta_min = float("inf")
+        self.sums: torch.Tensor | None = None  # (h,) Σ over tokens of max_c log α
+        self.tokens = 0
+
+    def add(self, record: DeltaRecord, rows: torch.Tensor, targets) -> None:
+        """record: one sample's DeltaRecord (params=True); rows: its delta_layer_rows, (b, T, l)."""
+        g = (record.g.amax(dim=-1) if record.g.dim() == 4 else record.g).double().cpu()  # (b, l, h)
+        self.g_max = max(self.g_max, float(g.max()))
+        self.sums = g.sum(dim=(0, 1)) + (0 if self.sums is None else self.sums)
+        self.tokens += g.shape[0] * g.shape[1]
+        beta = record.beta.double()
+        self.beta_max, self.beta_min = max(self.beta_max, float(beta.max())), min(self.beta_min, float(beta.min()))
+        self.k_max = max(self.k_max, float(record.k.double().norm(dim=-1).max()))
+        bound = delta_row_bound(record, targets).cpu()
+        ratio = rows.double().cpu() / bound.clamp_min(1e-300)
+        self.excess = max(self.excess, float(torch.where(rows.double().cpu() > 0, ratio, torch.zeros_like(ratio)).max()))
+
+    def result(self) -> DeltaLayerBound:
+        holds = self.beta_min >= 0 and self.beta_max <= BETA_LIMIT and self.beta_limit <= BETA_LIMIT and \
+            self.k_max <= 1 + 1e-6
+        mean = float((self.sums / max(self.tokens, 1)).max())
+        return DeltaLayerBound(layer=self.layer, rate=-self.g_max, rate_mean=-mean, beta_max=self.beta_max,
+                               beta_limit=self.beta_limit, key_norm_max=self.k_max, holds=holds,
+                               rows_within=self.excess <= 1 + ROW_REL_TOL, excess=self.excess,
+                               note=_bound_note(self.kind, self.beta_limit, holds, self.beta_max))
+
+
+def measure_delta_bounds(model, adapter, ids: torch.Tensor, targets, layers: list[int],
+                         layer_rows) -> dict[int, DeltaLayerBound]:
+    """The bound of every gated-delta-rule layer among `layers`, checked against its measured rows.
+
+    One recorded forward per sample (kernels.mixer.record, params=True), no gradients.
+
+    Args:
+        model, adapter: the loaded model.  ids: (samples, l).  targets: T positions.
+        layers: the layer index of each entry of layer_rows (hidden_attention.per_layer_rows' order).
+        layer_rows: (layers, samples, T, l) the rows per_layer_rows measured.
+    """
+    from ..kernels.mixer import record
+
+    device = adapter.embedding().weight.device
+    acc: dict[int, DeltaBoundAccumulator] = {}
+    for i in range(ids.shape[0]):
+        with torch.no_grad(), record(model, params=True) as rec:
+            adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
+        for k, layer in enumerate(layers):
+            lr = rec.layers.get(layer)
+            if not isinstance(lr, DeltaRecord):
+                continue
+            if layer not in acc:
+                lay = describe(adapter.ssm_mixer(adapter.blocks()[layer]))
+                acc[layer] = DeltaBoundAccumulator(layer, lay.kind, lay.beta_scale)
+            acc[layer].add(lr, torch.as_tensor(layer_rows[k, i])[None], targets)
+    return {layer: a.result() for layer, a in acc.items()}
 
 
 @dataclass

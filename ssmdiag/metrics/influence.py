@@ -31,6 +31,7 @@ import torch
 from ..errors import SsmdiagError
 from .influence_fit import (DecayFit, InfluenceCurve, PowerLawFit, aggregate_curve, common_distance, fit_bands,
                             fit_decay, fit_power_law, near_share, rows_by_distance, sample_curves, select_shape)
+from .delta_influence import DeltaLayerBound, measure_delta_bounds
 from .hidden_attention import layer_alpha as _layer_alpha, per_layer_rows  # noqa: F401  (closed form: there)
 from .spectrum import DecayBound, slowest_channel_rates, summarize_bound
 
@@ -66,6 +67,7 @@ class LayerDecay:
     shape: str = "undetermined"
     exponent: float | None = None  # power law I ∝ d^exponent
     exponent_ci95: tuple[float, float] | None = None
+    bound: DeltaLayerBound | None = None  # gated-delta-rule layers: ∏ max α (metrics.delta_influence)
 
 
 @dataclass
@@ -350,6 +352,10 @@ def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
         t1 = time.perf_counter()
         which, layer_rows = per_layer_rows(loaded.model, loaded.adapter, ids, cfg.targets)
         layers = summarize_layers(layer_rows, cfg.targets, cfg.fit_range, cfg.statistic, cfg.seed, which)
+        if loaded.adapter.ssm_kind == "delta":  # each delta layer's ∏ max α bound, checked against its rows
+            bounds = measure_delta_bounds(loaded.model, loaded.adapter, ids, cfg.targets, which, layer_rows)
+            for ld in layers:
+                ld.bound = bounds.get(ld.layer)
         layer_seconds = time.perf_counter() - t1
     far = next((b for b in summary.bands if b.band == "far"), None)
     # the Ā bound limits a pure SSM stack; a hybrid's attention layers carry influence past it (no bound claimed)
