@@ -225,6 +225,29 @@ def test_smooth_gives_the_decay_spectrum_and_states_per_delta_layer(delta_model)
     assert with_states == ad.ssm_layers()
 
 
+def test_smooth_state_sharpness_is_per_head_for_delta_layers(delta_model):
+    """Every pair of tokens: head h's part is the mean distance between that head's (n, p) states, the whole the
+    distance over every head's state at once (as for Mamba-2 heads)."""
+    from ssmdiag.adapters import get_adapter
+    from ssmdiag.metrics.sharpness import sharpness_ref
+    from ssmdiag.metrics.smoothing import measure_smoothing
+
+    _, model = delta_model
+    ad = get_adapter(model)
+    ids = torch.randint(3, 384, (1, 16), generator=torch.Generator().manual_seed(9))
+    res = measure_smoothing(model, ad, ids, pairs=None, spectrum=False)
+    with torch.no_grad(), mx.record(model, states="all") as rec:
+        ad.base()(input_ids=ids, use_cache=False)
+    for la in (la for la in res.layers if la.states is not None):
+        states = rec.layers[la.layer].states[0].double()  # (l, h, n, p)
+        assert len(la.states.parts_mean) == states.shape[1] == ad.n_heads
+        for h in range(states.shape[1]):
+            want = sharpness_ref(states[:, h].flatten(1))
+            assert la.states.parts_mean[h] == pytest.approx(want.mean, rel=1e-5)
+            assert la.states.parts_max[h] == pytest.approx(want.max, rel=1e-5)
+        assert la.states.mean == pytest.approx(sharpness_ref(states.flatten(1)).mean, rel=1e-5)
+
+
 # --- through the CLI: the numbers, not only the exit codes ----------------------------------------------
 @pytest.mark.parametrize("family", [f for f in ("qwen3_next", "kimi_linear") if f in DELTA_FAMILIES])
 def test_cli_info_influence_needle_show_the_delta_layers(family, tiny_root, tiny_tokenizer_dir, tmp_path):
