@@ -274,6 +274,7 @@ def test_cli_info_influence_needle_show_the_delta_layers(family, tiny_root, tiny
     s = run("info")["summary"]
     assert s["recurrence"] is True and s["ssm_kind"] == "delta" and [r["layer"] for r in s["layers_a"]] == layers
     assert set(s["pattern"]) & {"G", "K"} and "?" not in s["pattern"] and "parameter-only" in s["delta_rule"]
+    _assert_delta_size_rows(printed["info"], s)
     m = run("influence", "--seq-len", "24", "--samples", "2", "--per-layer")["models"][0]
     assert [r["layer"] for r in m["per_layer"]] == layers
     for r in m["per_layer"]:  # the ∏ max α bound per delta layer: a theorem here (β ≤ 1), every row under it
@@ -285,3 +286,37 @@ def test_cli_info_influence_needle_show_the_delta_layers(family, tiny_root, tiny
     n = run("needle", "--lengths", "200,300", "--depths", "0,50,100", "--max-new-tokens", "2", "--prefill-chunk", "64")
     assert n["carry_check"]["ok"] is True and n["carry_check"]["mode"] == "hybrid"
     assert n["reuse"]["computed_tokens"] < n["reuse"]["prompt_tokens"]
+
+
+def _assert_delta_size_rows(text: str, s: dict) -> None:
+    """info names a delta layer's sizes as such (result.json keeps Mamba's keys: heads = h, groups = key heads)."""
+    import re
+
+    def row(name):
+        m = re.search(rf"│ {re.escape(name)} +│ (\S+)", text)
+        assert m, (name, text[-2000:])
+        return int(m.group(1))
+
+    assert "heads (Mamba-2)" not in text and "d_state" not in text and "groups (B, C)" not in text
+    assert row("value heads h") == s["heads"] and row("key heads") == s["groups"]
+    assert row("key dim n") == s["d_state"] and row("value dim p") == s["head_dim"]
+    assert row("value width h·p") == s["d_inner"] == s["heads"] * s["head_dim"]
+    assert "α median" in text and "Ā median" not in text
+
+
+@pytest.mark.skipif("qwen3_5_text" not in RECURRENT_FAMILIES, reason="no Qwen3.5 in this transformers")
+def test_cli_info_names_the_delta_sizes_on_qwen3_5(tiny_root, tiny_tokenizer_dir, tmp_path):
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from ssmdiag.cli import app
+    from tinyfamilies import save_tiny
+
+    path = save_tiny("qwen3_5_text", tiny_root / "delta-info-qwen3_5", tiny_tokenizer_dir)
+    res = CliRunner().invoke(app, ["info", str(path), "--out", str(tmp_path), "--quiet"])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output[-1500:]
+    s = json.loads(next(Path(tmp_path).rglob("result.json")).read_text())["metrics"]["summary"]
+    assert (s["heads"], s["groups"], s["d_state"], s["head_dim"]) == (4, 2, 8, 8)  # tinyfamilies' linear_* sizes
+    _assert_delta_size_rows(res.output, s)

@@ -46,18 +46,31 @@ def info_tables(title: str, summary: Any, doc: dict[str, Any]) -> list[Table]:
             ("layers", summary.layers), ("layer pattern", compact_pattern(summary.pattern) or "—"),
             ("pattern counts", ", ".join(f"{k} {n}" for k, n in counts.items()) or "—"),
             ("SSM recurrence seen", recurrence_text(summary)), ("hidden size", summary.hidden_size),
-            ("d_inner", summary.d_inner), ("d_state", summary.d_state), ("heads (Mamba-2)", summary.heads),
-            ("head dim", summary.head_dim), ("groups (B, C)", summary.groups), ("vocab", summary.vocab_size),
+            *_size_rows(summary), ("vocab", summary.vocab_size),
             ("dtype", doc["dtype"]), ("device", doc["device"]), ("scan backend", doc["backend"]),
             ("tokenizer", doc["tokenizer"] or "none")]
     tables = [console.table(title, ["property", "value"], rows)]
+    delta = summary.ssm_kind == "delta"
     if summary.layers_a:
         tables.append(console.table(
-            f"A and Ā = exp(Δ·A) per SSM layer ({summary.delta_rule}; layer = block index)",
-            ["layer", "A min", "A median", "A max", "Ā min", "Ā median", "Ā max"],
+            (f"A = −exp(A_log) and the decay α per gated-delta-rule layer ({summary.delta_rule}; layer = block index)"
+             if delta else f"A and Ā = exp(Δ·A) per SSM layer ({summary.delta_rule}; layer = block index)"),
+            ["layer", "A min", "A median", "A max", *(["α min", "α median", "α max"] if delta else
+                                                     ["Ā min", "Ā median", "Ā max"])],
             [(la.layer, f(la.a_min), f(la.a_median), f(la.a_max), f(la.abar_min), f(la.abar_median), f(la.abar_max))
              for la in summary.layers_a]))
     return tables
+
+
+def _size_rows(summary: Any) -> list[tuple[str, Any]]:
+    """The SSM sizes under their names: Mamba's (d_inner, d_state, heads, head dim, groups of B and C), or a gated
+    delta rule's (value heads h, key heads, key dim n, value dim p: one n × p state per value head).  The result.json
+    keys stay Mamba's: d_inner = h·p, d_state = n, heads = h, head_dim = p, groups = key heads."""
+    if summary.ssm_kind == "delta":
+        return [("value heads h", summary.heads), ("key heads", summary.groups), ("key dim n", summary.d_state),
+                ("value dim p", summary.head_dim), ("value width h·p", summary.d_inner)]
+    return [("d_inner", summary.d_inner), ("d_state", summary.d_state), ("heads (Mamba-2)", summary.heads),
+            ("head dim", summary.head_dim), ("groups (B, C)", summary.groups)]
 
 
 KIND_WORDS = {"M": "SSM", "A": "attention", "P": "attn ∥ SSM", "S": "shared attn + SSM", "G": "delta rule (head)",
