@@ -18,7 +18,7 @@ The memory model (bytes; letters of docs/architecture.md, L_s SSM layers, L bloc
                  L_s · l · KEEP · d · f   (+ the numba engines' state checkpoints, L_s · l/K · d · n · 4;
                  + the chunked SSD's decay matrices, L_s · KEEP_SSD · l · h · q · 4);
                  with per-block activation checkpointing only the block inputs, L · l · e · f, plus one block's
-    transient  = the largest single-layer scan intermediate: numba ~ l · d · f · TRN_NUMBA;
+    transient  = the largest single-layer scan intermediate (delta rule: estimate_delta.py): numba ~ l·d·f·TRN_NUMBA;
                  chunked Mamba-1: T_M1 · l · d · n · 4; chunked SSD: T_SSD · l · h · q · 4 (q = SSD chunk)
     influence  = the larger of that and the Ā bound's pass: R0 + W + L_s · l · d · 4 (every layer's Δ; Mamba-2: h)
                  + one layer's forward
@@ -38,12 +38,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from . import estimate_delta as ed
 from .errors import SsmdiagError
 
 GiB = 1 << 30
 # --- fitted on CPU peak RSS (bench/memory.py, docs/performance.md) -------------------------------------------
 R0 = 0.45 * GiB  # the process before a model: python, torch, transformers, numba, matplotlib
-KEEP = {"mamba1": 9.5, "mamba2": 10.0, "attention": 12.0}  # floats kept for backward per layer, token and d
+KEEP = {"mamba1": 9.5, "mamba2": 10.0, "attention": 12.0,  # floats kept for backward per layer, token and d
+        "delta": 10.0, "delta_channel": 14.0}  # delta: around its kernel (estimate_delta.py has the kernel's), d = h·p
 TRN_NUMBA = 8.0  # one layer's backward transient in floats per token and channel (numba engines, cuda)
 T_M1 = 6.7  # (l, d, n) float32 tensors alive at once in the chunked Mamba-1 backward
 CKPT_KEEP = 1.0  # floats per block, token and e kept with per-block checkpointing (the block input; CPU needs
@@ -80,12 +82,12 @@ class ModelShape:
     ssm_layers: int  # L_s
     attn_layers: int
     hidden: int  # e
-    d_inner: int  # d (0 without SSM layers)
-    d_state: int  # n
-    heads: int  # Mamba-2 h (0 for Mamba-1 kinds)
-    chunk: int  # Mamba-2 SSD chunk q
+    d_inner: int  # d (0 without SSM layers; delta: h·p)
+    d_state: int  # n (delta: the key dim)
+    heads: int  # Mamba-2 h (0 for Mamba-1 kinds; delta: value heads)
+    chunk: int  # Mamba-2 SSD chunk q (delta: its kernel's chunk)
     vocab: int
-    ssm_kind: str | None  # "mamba1" | "mamba2" | None
+    ssm_kind: str | None  # "mamba1" | "mamba2" | "delta" (gated delta rule, α per head) | "delta_channel" | None
     weight_bytes: int  # bytes per weight as loaded (--dtype auto: the checkpoint's own; presets float32)
 
 
@@ -163,9 +165,10 @@ def shape_of_model(model, name: str, weight_bytes: int | None = None) -> ModelSh
         name=name, model_type=ad.model_type, params=int(params), embed_params=int(embed), layers=len(pattern),
         ssm_layers=len(ad.ssm_layers()), attn_layers=sum(k in "APS" for k in pattern), hidden=ad.hidden_size,
         d_inner=int(ad.d_inner or 0), d_state=int(ad.d_state or 0), heads=int(ad.n_heads or 0),
-        chunk=int(getattr(mixer, "chunk_size", 256) or 256) if ad.ssm_kind == "mamba2" else 0,
-        vocab=int(emb.num_embeddings), ssm_kind=("mamba2" if ad.ssm_kind == "mamba2" else "mamba1") if ad.is_ssm
-        else None, weight_bytes=int(weight_bytes))
+        chunk=int(getattr(mixer, "chunk_size", 256) or 256) if ad.ssm_kind == "mamba2" else
+        ed.CHUNK if ad.ssm_kind == "delta" else 0,
+        vocab=int(emb.num_embeddings), ssm_kind=None if not ad.is_ssm else ed.shape_kind(ad, mixer) if
+        ad.ssm_kind == "delta" else ("mamba2" if ad.ssm_kind == "mamba2" else "mamba1"), weight_bytes=int(weight_bytes))
 
 
 def _is_dir(spec: str) -> bool:
@@ -213,6 +216,8 @@ def _scan_transient(s: ModelShape, l: int, engine: str, backward: bool) -> float
     """Bytes of the largest single-layer scan intermediate."""
     if s.ssm_kind is None:
         return FWD_K * l * s.hidden * 4
+    if ed.is_delta(s):  # one engine: the chunked torch form
+        return ed.delta_bytes(s, ed.DELTA_BWD if backward else ed.DELTA_FWD, l)
     if engine == "torch:chunked" and s.ssm_kind == "mamba1":
         return (T_M1 if backward else T_M1 / 2) * l * s.d_inner * s.d_state * 4
     if engine == "torch:chunked":
@@ -226,6 +231,8 @@ def _stored(s: ModelShape, l: int, engine: str, f: int, layers_ssm: int, layers_
     width = s.d_inner or 2 * s.hidden
     total = layers_ssm * l * KEEP.get(s.ssm_kind or "attention", KEEP["attention"]) * width * f
     total += layers_attn * l * KEEP["attention"] * s.hidden * f
+    if ed.is_delta(s):
+        return total + layers_ssm * ed.delta_bytes(s, ed.DELTA_KEEP, l)
     if engine == "torch:numba" and s.ssm_kind:
         total += layers_ssm * math.ceil(l / NUMBA_CKPT[s.ssm_kind]) * s.d_inner * s.d_state * 4
     if engine == "torch:chunked" and s.ssm_kind == "mamba2":  # autograd keeps the chunk-local decay matrices
@@ -236,7 +243,7 @@ def _stored(s: ModelShape, l: int, engine: str, f: int, layers_ssm: int, layers_
 def forward_flops(s: ModelShape, l: int) -> float:
     """FLOPs of one forward over l tokens: 2 per weight per token, the scans, attention's l² term."""
     dense = 2.0 * (s.params - s.embed_params + s.vocab * s.hidden) * l
-    scans = s.ssm_layers * l * s.d_inner * s.d_state * SCAN_FLOPS
+    scans = ed.delta_scan_flops(s, l) if ed.is_delta(s) else s.ssm_layers * l * s.d_inner * s.d_state * SCAN_FLOPS
     attn = s.attn_layers * 2.0 * l * l * s.hidden
     return dense + scans + attn
 
@@ -369,6 +376,8 @@ def estimate_command(command: str, shape: ModelShape, *, device: str = "auto", b
     kind, label = device_and_backend(device, backend)
     if engine is not None:
         label = engine if ":" in engine or engine in ("cuda", "ref") else f"torch:{engine}"
+    if ed.is_delta(shape) and label not in ("ref", "hf"):
+        label = "torch:chunked"  # the gated delta rule has one engine (no numba, no fused CUDA kernel)
     budget = budget_bytes if budget_bytes is not None else memory_budget(kind)
     assumed = budget is None and kind == "cuda"
     budget = ASSUMED_GPU_MEMORY if assumed else budget

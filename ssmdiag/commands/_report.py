@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from .. import console
+from ._report_per_layer import per_layer_tables
 
 f = console.fmt
 
@@ -51,25 +52,7 @@ def influence_tables(results: list[Any], ratio: Any, path: Path) -> list[Table]:
              f"bound: slowest Ā channel, far rate must be ≥) → {path}")
     why = console.table("shape: chosen by leave-one-sample-out prediction", ["model", "shape", "why"],
                         [(n, s.shape, s.shape_reason) for n, s, _ in named])
-    return [console.table(title, cols, [_influence_row(*x) for x in named]), why] + [console.table(
-        f"{r.name}: closed-form decay per layer (Student-t across samples"
-        + ("; bound (∏ max α): delta layers' rows fall at least at −ln max α, every row checked ≤ it)"
-           if any(ld.bound for ld in r.per_layer) else ")"),
-        ["layer", "shape", "rate/token", "95% CI", "half-life", "exponent", "95% CI"]
-        + (["bound (∏ max α)"] if any(ld.bound for ld in r.per_layer) else []),
-        [(ld.layer, ld.shape, f(ld.decay_rate, 3), _ci(ld.decay_rate_ci95),
-          f(ld.half_life, 3) if ld.shape == "exponential" else "—", f(ld.exponent, 3), _ci(ld.exponent_ci95))
-         + ((_delta_bound(ld.bound),) if any(x.bound for x in r.per_layer) else ())
-         for ld in r.per_layer]) for r in results if r.per_layer]
-
-
-def _delta_bound(b: Any) -> str:
-    """A delta layer's bound cell: ≥ rate and whether its rows stay under it, or why there is none."""
-    if b is None:
-        return "—"
-    if not b.holds:
-        return f"none (β up to {f(b.beta_max, 3)})" + (" exceeded" if not b.rows_within else "")
-    return f"≥ {f(b.rate, 3)}" + (" ok" if b.rows_within else " VIOLATED")
+    return [console.table(title, cols, [_influence_row(*x) for x in named]), why] + per_layer_tables(results)
 
 
 def smooth_table(results: list[tuple[str, Any]], metric: str, comparisons: list[Any] | None = None) -> Table:

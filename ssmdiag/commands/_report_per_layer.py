@@ -1,0 +1,41 @@
+"""influence --per-layer's stdout table: each layer's closed-form decay and, for gated-delta-rule layers, the
+∏ max α bound (metrics.delta_influence.DeltaLayerBound).  Results in, rich tables out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from .. import console
+
+f = console.fmt
+
+
+def _ci(ci: Any) -> str:
+    return "—" if ci is None else f"{f(ci[0], 3)} – {f(ci[1], 3)}"
+
+
+def delta_bound_cell(b: Any) -> str:
+    """A delta layer's bound cell: ≥ rate and whether its rows stay under it, or why there is none."""
+    if b is None:
+        return "—"
+    if not b.holds:
+        return f"none (β up to {f(b.beta_max, 3)})" + (" exceeded" if not b.rows_within else "")
+    return f"≥ {f(b.rate, 3)}" + (" ok" if b.rows_within else " VIOLATED")
+
+
+def per_layer_tables(results: list[Any]) -> list[Table]:
+    """One table per model measured with --per-layer (ModelInfluence.per_layer: LayerDecay rows)."""
+    tables = []
+    for r in (r for r in results if r.per_layer):
+        delta = any(ld.bound for ld in r.per_layer)
+        title = f"{r.name}: closed-form decay per layer (Student-t across samples" + (
+            "; bound (∏ max α): delta layers' rows fall at least at −ln max α, every row checked ≤ it)" if delta
+            else ")")
+        cols = ["layer", "shape", "rate/token", "95% CI", "half-life", "exponent", "95% CI"]
+        rows = [(ld.layer, ld.shape, f(ld.decay_rate, 3), _ci(ld.decay_rate_ci95),
+                 f(ld.half_life, 3) if ld.shape == "exponential" else "—", f(ld.exponent, 3), _ci(ld.exponent_ci95))
+                + ((delta_bound_cell(ld.bound),) if delta else ()) for ld in r.per_layer]
+        tables.append(console.table(title, cols + (["bound (∏ max α)"] if delta else []), rows))
+    return tables
