@@ -20,6 +20,9 @@ class Preset:
         tokenizer: hub id of the matching tokenizer.
         config: keyword arguments for the transformers config class.
         source: where the configuration comes from, and how far it was checked.
+        published_params: the released model's published total parameter count (None where not recorded);
+            `bench/preset_sizes.py` compares it with the count of the preset built on the meta device.
+        published_active_params: for a mixture of experts, the published parameters active per token.
     """
 
     name: str
@@ -29,6 +32,8 @@ class Preset:
     tokenizer: str
     config: dict[str, Any]
     source: str = ""
+    published_params: float | None = None
+    published_active_params: float | None = None
 
 
 @lru_cache(maxsize=1)
@@ -38,7 +43,8 @@ def all_presets() -> dict[str, Preset]:
     return {
         name: Preset(name=name, model_type=p["model_type"], hub_id=p["hub_id"], aliases=tuple(p["aliases"]),
                      tokenizer=p["tokenizer"], config=dict(p["config"]),
-                     source=p.get("source", ""))
+                     source=p.get("source", ""), published_params=p.get("published_params"),
+                     published_active_params=p.get("published_active_params"))
         for name, p in raw.items()
     }
 
@@ -54,7 +60,16 @@ def find_preset(spec: str) -> Preset | None:
 
 
 def build_config(preset: Preset):
-    """The transformers config object for a preset."""
+    """The transformers config object for a preset; a model_type this transformers lacks is a clean error."""
+    import transformers
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
+    from .errors import SsmdiagError
+
+    if preset.model_type not in CONFIG_MAPPING_NAMES:
+        raise SsmdiagError(f"preset '{preset.name}' needs transformers' model_type '{preset.model_type}', which "
+                           f"transformers {transformers.__version__} does not have",
+                           hint="upgrade transformers (pip install -U transformers), or pick another preset "
+                                "(ssmdiag presets)")
     return AutoConfig.for_model(preset.model_type, **preset.config)
