@@ -98,10 +98,9 @@ class Adapter:
         """
         self._require_ssm()
         if self.family not in SSM_CONFIG_KEYS:
-            raise SsmdiagError(f"{self.model_type}: polarize does not support gated-delta-rule layers yet (adding "
-                               "an α ≡ 1 and an α ≡ 0 head would resize every head-sized parameter, q/k/v/gate "
-                               "projections, conv and norm; a per-key-channel decay mixes channels)",
-                               hint="polarization needs a Mamba-based checkpoint")
+            raise SsmdiagError(f"{self.model_type}: its {self.ssm_kind} layers have no Mamba SSM size keys (gated-"
+                               "delta-rule layers are resized by polarize/delta.py, from linear_num_*_heads)",
+                               hint="polarize supports Mamba-based and gated-delta-rule checkpoints")
         keys = SSM_CONFIG_KEYS[self.family]
         missing = [k for role, k in keys.items() if k and role != "d_inner" and not hasattr(self.config, k)]
         if missing:

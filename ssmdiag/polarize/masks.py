@@ -36,6 +36,8 @@ def polarized_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     masks: dict[str, torch.Tensor] = {}
     params = dict(model.named_parameters())
     prefixes = mixer_prefixes(model)
+    if get_adapter(model).ssm_kind == "delta":  # A_log, dt_bias and the `a` rows of the polarized heads
+        return _delta_masks(model, prefixes, params, decay_only=True)
     for op in polarization_record(model.config):
         idx = op["one"] + op["zero"]
         for layer in op["layers"]:
@@ -55,6 +57,8 @@ def new_entry_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     masks: dict[str, torch.Tensor] = {}
     params = dict(model.named_parameters())
     prefixes = mixer_prefixes(model)
+    if get_adapter(model).ssm_kind == "delta":  # every slice of the polarized / added heads (polarize/delta.py)
+        return _delta_masks(model, prefixes, params, decay_only=False)
     keys = get_adapter(model).ssm_config_keys
     for op in polarization_record(model.config):
         idx = sorted(set(op["one"] + op["zero"] + op["added"]))
@@ -73,6 +77,25 @@ def new_entry_masks(model: nn.Module) -> dict[str, torch.Tensor]:
                     m[..., rows] = True
                 else:
                     m[rows] = True
+    return masks
+
+
+def _delta_masks(model: nn.Module, prefixes: dict[int, str], params: dict, decay_only: bool) -> dict[str, torch.Tensor]:
+    """Masks of the polarized (decay_only: their α entries) or polarized and added heads of a delta-rule model."""
+    from .delta import delta_entry_rows
+
+    masks: dict[str, torch.Tensor] = {}
+    adapter = get_adapter(model)
+    for op in polarization_record(model.config):
+        polar = op["one"] + op["zero"]
+        idx = sorted(set(polar if decay_only else polar + op["added"]))
+        layers = op["layers"] if decay_only or op["mode"] == "replace" else list(prefixes)
+        for layer in layers if idx else []:
+            mixer = adapter.ssm_mixer(adapter.blocks()[layer])
+            for name, (dim, rows) in delta_entry_rows(mixer, idx, decay_only).items():
+                key = f"{prefixes[layer]}.{name}"
+                if key in params:
+                    _mask(masks, params, key).index_fill_(dim, torch.tensor(rows, device=params[key].device), True)
     return masks
 
 

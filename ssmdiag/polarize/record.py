@@ -141,6 +141,8 @@ def abar_check(model: nn.Module, deltas: torch.Tensor | None = None) -> dict[str
         if bucket:
             v = torch.cat(bucket)
             out[f"abar_{role}_min"], out[f"abar_{role}_max"] = v.min().item(), v.max().item()
-    a_logs = [adapter.ssm_mixer(adapter.blocks()[i]).A_log.detach().float() for i in adapter.ssm_layers()]
+    mixers = [adapter.ssm_mixer(adapter.blocks()[i]) for i in adapter.ssm_layers()]
+    a_logs = [getattr(m, "A_log", None) if hasattr(m, "A_log") else m.forget_gate.A_log for m in mixers]  # KDA: gate
+    a_logs = [a.detach().float() for a in a_logs]
     out["a_log_all_finite"] = all(bool(torch.isfinite(a).all()) for a in a_logs)
     return out

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..adapters import MAMBA_FAMILIES, get_adapter
 from ..errors import SsmdiagError
+from .delta import check_layout, polarize_delta
 from .grow import grow_mamba1_layer, grow_mamba2_layer, mamba2_growth
 from .masks import mixer_prefixes
 from .record import (
@@ -64,6 +65,10 @@ def check_polarizable(model: nn.Module, channels: str, mode: str) -> str:
         raise SsmdiagError(f"unknown --channels '{channels}'", hint="use one, zero or both")
     if mode not in MODES:
         raise SsmdiagError(f"unknown --mode '{mode}'", hint="use add or replace")
+    if adapter.ssm_kind == "delta":  # refuse a gate without α ≡ 0 (Bailing's safe gate) before any work
+        check_layout(adapter.ssm_mixer(adapter.blocks()[adapter.ssm_layers()[0]]))
+    else:
+        adapter.ssm_config_keys  # noqa: B018 (the other kinds: refused there, with the reason)
     return family
 
 
@@ -94,8 +99,12 @@ def polarize_model(model: nn.Module, channels: str = "both", mode: str = "add", 
     cfg = copy.deepcopy(model.config)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     prefixes = mixer_prefixes(model)
-    keys = adapter.ssm_config_keys
-    if adapter.ssm_kind == "mamba2":
+    if adapter.ssm_kind == "delta":  # gated delta rule: value heads with α ≡ 1 / 0 (polarize/delta.py)
+        unit, size_before = "head", adapter.n_heads
+        mixers = {i: adapter.ssm_mixer(adapter.blocks()[i]) for i in prefixes}
+        one, zero, added, how, size_after = polarize_delta(cfg, sd, mixers, prefixes, roles, chosen, mode, gen)
+    elif adapter.ssm_kind == "mamba2":
+        keys = adapter.ssm_config_keys
         unit, size_before = "head", adapter.n_heads
         if mode == "add":
             one, zero, added, how = _mamba2_add(cfg, sd, prefixes, roles, chosen, gen, keys,
@@ -104,6 +113,7 @@ def polarize_model(model: nn.Module, channels: str = "both", mode: str = "add", 
             one, zero, added, how = _mamba2_replace(cfg, sd, prefixes, roles, chosen, gen, keys)
         size_after = int(getattr(cfg, keys["heads"]))
     else:
+        keys = adapter.ssm_config_keys
         unit, size_before = "state_channel", adapter.d_state
         surgery = _mamba1_add if mode == "add" else _mamba1_replace
         one, zero, added, how = surgery(cfg, sd, prefixes, roles, chosen, gen, keys, adapter.ssm_variant)
