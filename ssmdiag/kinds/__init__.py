@@ -84,3 +84,4 @@ def letters() -> dict[str, str]:
 
 
 # the kind modules register themselves on import (one line each; keep the list sorted)
+from . import rwkv  # noqa: E402,F401

@@ -1,0 +1,51 @@
+"""RWKV-4 (transformers' model_type "rwkv"): the registered kind's adapter-level facts.
+
+Every block is ln1 → time mix (RwkvSelfAttention, the recurrent layer) → ln2 → channel mix (RwkvFeedForward, a
+token-shifted squared-ReLU MLP); block 0 adds a pre_ln; the backbone ends with ln_out.  Per channel the time mix keeps
+a = Σ_s e^{(t−s)w + k_s} v_s and b = Σ_s e^{(t−s)w + k_s} and reads wkv_t = (a_{t−1} + e^{u+k_t} v_t) /
+(b_{t−1} + e^{u+k_t}) (Peng et al. 2023, "RWKV", eq. 14-16; transformers' modeling_rwkv.py).  The decay is static:
+w = −exp(time_decay) per channel, no input enters it, so the per-step decay factor exp(w) = exp(−exp(time_decay))
+is exact at every token (not only at zero input).  The output is normalised (a ratio of the two sums), so the decay
+sets the weights of past tokens relative to each other and to the current token's bonus u, not an absolute
+forgetting: a token alone in the history keeps weight 1 however old it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import RecurrentKind, register
+
+
+def _width(module) -> int:
+    return int(module.time_decay.shape[0])
+
+
+def _sizes(module) -> dict:
+    # the wkv state of one channel: the two sums a (num) and b (den) under a shared exponent
+    return {"d_inner": _width(module), "d_state": 2}
+
+
+def init_time_decay(module) -> torch.Tensor:
+    """time_decay as transformers' init sets it (RwkvPreTrainedModel._init_weights), float64 (d,): the values a
+    meta-device model (info on a preset) would get, −5 + 8·(i/(d−1))^(0.7 + 1.3·layer/(layers−1))."""
+    d, layers = _width(module), int(module.config.num_hidden_layers)
+    ratio = module.layer_id / max(layers - 1, 1)
+    i = torch.arange(d, dtype=torch.float64)
+    return -5 + 8 * (i / max(d - 1, 1)) ** (0.7 + 1.3 * ratio)
+
+
+def _decay(module) -> torch.Tensor:
+    """exp(−exp(time_decay)) per channel, float64 (d,); on the meta device from the init's time_decay."""
+    td = module.time_decay
+    td = init_time_decay(module) if td.is_meta else td.detach().double()
+    return torch.exp(-torch.exp(td))
+
+
+register(RecurrentKind(
+    kind="rwkv", letter="W", meaning="RWKV time mix: a static decay per channel, normalised output",
+    families=("rwkv",), pure=("rwkv",), classes=("RwkvSelfAttention",), sizes=_sizes, decay=_decay,
+    decay_rule=("w = exp(−exp(time_decay)) per channel: static, exact at every token (no input enters it); the output "
+                "is normalised (a ratio), so w sets past tokens' weights relative to each other and to the current "
+                "token's bonus, not an absolute forgetting"),
+    decay_unit="channel", norm_paths=("ln1",), final_norms=("ln_out",)))
