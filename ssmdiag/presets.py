@@ -73,3 +73,29 @@ def build_config(preset: Preset):
                            hint="upgrade transformers (pip install -U transformers), or pick another preset "
                                 "(ssmdiag presets)")
     return AutoConfig.for_model(preset.model_type, **preset.config)
+
+
+def meta_parameter_counts(preset: Preset) -> tuple[int, int | None]:
+    """(total, active per token) parameters of a preset built on the meta device (no memory, seconds).
+
+    Tied input/output embeddings count once (torch's `parameters()` yields a shared tensor once), as the published
+    totals count them.  `active` is None for a dense model; for a mixture of experts it is the total less the
+    routed experts a token does not use: routed-expert tensors (under `.experts.`, first dimension = the number of
+    experts) count k / E of their size, shared experts and routers in full.
+    """
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = build_config(preset)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    n_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not n_experts or not top_k:
+        return total, None
+    routed = sum(p.numel() for name, p in model.named_parameters()
+                 if re.search(r"\.experts\.", name) and p.shape[0] == n_experts)
+    return total, round(total - routed * (1 - top_k / n_experts))
