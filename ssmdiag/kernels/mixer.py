@@ -38,7 +38,10 @@ MIXER_KINDS = {"MambaMixer": "mamba1", "FalconMambaMixer": "mamba1", "JambaMamba
                "Zamba2MambaMixer": "mamba2", **{name: "delta" for name in DELTA_KINDS}}
 _COMPUTE = {"mamba1": mamba1_mixer, "zamba": zamba_mixer, "mamba2": mamba2_mixer, "delta": gated_delta_mixer}
 # the registered kinds (kernels/kinds.py) register on import: one line per kind module, sorted
+from . import mlstm_layer  # noqa: E402,F401
+from . import rglru  # noqa: E402,F401
 from . import rwkv  # noqa: E402,F401
+from . import shortconv  # noqa: E402,F401
 
 
 # --- state ------------------------------------------------------------------------------------------------

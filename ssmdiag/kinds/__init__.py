@@ -43,6 +43,7 @@ class RecurrentKind:
     decay_unit: str = "channel"  # what one decay value belongs to: "channel" | "head" | "window"
     norm_paths: tuple[str, ...] = field(default=())  # where a block keeps the norm before this layer
     final_norms: tuple[str, ...] = field(default=())  # the backbone's final norm attribute names
+    polarize: str = ""  # why polarize refuses this kind, one line ("": the generic refusal)
 
 
 KINDS: dict[str, RecurrentKind] = {}
@@ -84,4 +85,7 @@ def letters() -> dict[str, str]:
 
 
 # the kind modules register themselves on import (one line each; keep the list sorted)
+from . import mlstm  # noqa: E402,F401
+from . import rglru  # noqa: E402,F401
 from . import rwkv  # noqa: E402,F401
+from . import shortconv  # noqa: E402,F401

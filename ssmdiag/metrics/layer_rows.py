@@ -26,4 +26,23 @@ def rows_for(record) -> Callable[[object, list[int]], torch.Tensor] | None:
     return ROWS.get(type(record))
 
 
+BOUNDS: dict[str, Callable] = {}
+
+
+def register_bounds(kind: str, measure: Callable) -> None:
+    """Register a kind's per-layer bound: measure(model, adapter, ids, targets, layers, layer_rows) -> {layer: bound}
+    (the signature of delta_influence.measure_delta_bounds); a bound has `cell` (its per-layer table cell) and `head`
+    (the column's header)."""
+    BOUNDS[kind] = measure
+
+
+def bounds_for(kind: str | None) -> Callable | None:
+    """The registered bound of an adapter's ssm_kind, or None."""
+    return BOUNDS.get(kind)
+
+
 # the kinds' metrics modules register on import (one line each, sorted)
+from . import mlstm_influence  # noqa: E402,F401
+from . import rglru_influence  # noqa: E402,F401
+from . import rwkv_influence  # noqa: E402,F401
+from . import shortconv_influence  # noqa: E402,F401

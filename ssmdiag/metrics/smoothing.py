@@ -223,7 +223,7 @@ class _Probe:
 def _state_parts(states: torch.Tensor, kind: str | None) -> torch.Tensor:
     """One sample's recorded states as (l, parts, features): Mamba-1 kinds (l, d, n) -> one part; Mamba-2 and the
     gated delta rule per head."""
-    if kind in ("mamba2", "delta"):  # (l, h, p, n) | delta (l, h, n, p)
+    if kind in ("mamba2", "delta", "mlstm"):  # (l, h, p, n) | delta, mLSTM's stabilised C (l, h, n, p)
         return states.flatten(2)
     return states.flatten(1).unsqueeze(1)  # (l, 1, d·n)
 
