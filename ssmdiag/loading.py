@@ -23,6 +23,7 @@ from torch import nn
 from . import hub, model_types, original_format
 from .adapters import Adapter, family_of, get_adapter
 from .errors import SsmdiagError
+from .kinds import kind_of_family
 from .presets import Preset, all_presets, build_config, find_preset
 from .runtime import resolve_device
 from .naming import slugify
@@ -230,6 +231,7 @@ def _materialize_ssm_parameters(model: nn.Module, seed: int) -> None:
     values `from_config` would give those parameters.
     """
     torch.manual_seed(seed)
+    _materialize_kind_decays(model)
     for mixer in model.modules():
         if not isinstance(getattr(mixer, "A_log", None), nn.Parameter):
             continue
@@ -376,3 +378,19 @@ class LoadOptions:
     seed: int = 0
     trust_remote_code: bool = False
     backend: str = "auto"
+
+
+def _materialize_kind_decays(model: nn.Module) -> None:
+    """A registered kind's decay parameters (kinds.RecurrentKind.decay_params) from the model's own `_init_weights`."""
+    kind = kind_of_family(getattr(model.config, "model_type", ""))
+    if kind is None or not kind.decay_params:
+        return
+    for layer in [m for m in model.modules() if type(m).__name__ in kind.classes]:
+        for dotted in kind.decay_params:
+            path, _, name = dotted.rpartition(".")
+            owner = layer.get_submodule(path) if path else layer
+            param = getattr(owner, name)
+            if param.is_meta:
+                setattr(owner, name, nn.Parameter(torch.empty(param.shape, dtype=torch.float32)))
+                with torch.no_grad():
+                    model._init_weights(owner)

@@ -43,6 +43,8 @@ class RecurrentKind:
     decay_unit: str = "channel"  # what one decay value belongs to: "channel" | "head" | "window"
     norm_paths: tuple[str, ...] = field(default=())  # where a block keeps the norm before this layer
     final_norms: tuple[str, ...] = field(default=())  # the backbone's final norm attribute names
+    decay_params: tuple[str, ...] = field(default=())  # parameters decay() reads, dotted from the layer module:
+    # materialised with the model's own init on a meta-device build (loading), so `info` shows decays there too
     polarize: str = ""  # why polarize refuses this kind, one line ("": the generic refusal)
 
 
