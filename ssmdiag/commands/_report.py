@@ -86,6 +86,9 @@ def smooth_notes(m: Any, res: Any, spectrum: bool | None) -> list[str]:
     elif not m.adapter.is_ssm and any(la.mixer_output is None for la in res.layers):
         notes.append(f"{m.name}: mixer input/output not found in some {m.adapter.model_type} blocks; block "
                      "sharpness only there")
+    rk = getattr(m.adapter, "recurrent_kind", None)
+    if rk is not None and rk.decay_unit == "window" and spectrum is not False:  # a short conv: nothing decays
+        notes.append(f"{m.name}: no Ā spectrum for its {rk.kind} layers: {rk.decay_rule}")
     if m.adapter.is_ssm and m.backend == "hf":
         notes.append(f"{m.name}: --backend hf cannot return memory states; its SSM scans ran through "
                      "ssmdiag.kernels (torch) for this run")

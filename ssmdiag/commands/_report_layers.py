@@ -10,6 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from .. import console
+from ._report_window import window_tables
 
 f = console.fmt
 
@@ -32,7 +33,9 @@ def recurrence_text(summary: Any) -> str:
     """Whether ssmdiag reads the model's recurrence, in words."""
     if not summary.recurrence:
         return "no — model-agnostic commands only"
-    kind = {"mamba1": "Mamba-1 kind", "mamba2": "Mamba-2 kind", "delta": "gated delta rule"}.get(summary.ssm_kind, "?")
+    kind = {"mamba1": "Mamba-1 kind", "mamba2": "Mamba-2 kind", "delta": "gated delta rule",
+            "shortconv": "short convolution", "rglru": "RG-LRU", "rwkv": "RWKV time mix",
+            "mlstm": "mLSTM"}.get(summary.ssm_kind, "?")
     return f"yes — {len(summary.ssm_layers)} of {summary.layers} blocks are SSM layers ({kind})"
 
 
@@ -51,7 +54,19 @@ def info_tables(title: str, summary: Any, doc: dict[str, Any]) -> list[Table]:
             ("tokenizer", doc["tokenizer"] or "none")]
     tables = [console.table(title, ["property", "value"], rows)]
     delta = summary.ssm_kind == "delta"
-    if summary.layers_a:
+    if summary.layers_a and summary.ssm_kind == "rglru":  # a is the decay itself: its log in the A columns
+        tables.append(console.table(
+            f"ln a and the decay a per RG-LRU layer ({summary.delta_rule}; layer = block index)",
+            ["layer", "ln a min", "ln a median", "ln a max", "a min", "a median", "a max"],
+            [(la.layer, f(la.a_min), f(la.a_median), f(la.a_max), f(la.abar_min), f(la.abar_median), f(la.abar_max))
+             for la in summary.layers_a]))
+    elif summary.layers_a and summary.ssm_kind == "mlstm":  # the forget gate f per head at zero input
+        tables.append(console.table(
+            f"ln f and the forget gate f per mLSTM layer ({summary.delta_rule}; layer = block index)",
+            ["layer", "ln f min", "ln f median", "ln f max", "f min", "f median", "f max"],
+            [(la.layer, f(la.a_min), f(la.a_median), f(la.a_max), f(la.abar_min), f(la.abar_median), f(la.abar_max))
+             for la in summary.layers_a]))
+    elif summary.layers_a:
         tables.append(console.table(
             (f"A = −exp(A_log) and the decay α per gated-delta-rule layer ({summary.delta_rule}; layer = block index)"
              if delta else f"A and Ā = exp(Δ·A) per SSM layer ({summary.delta_rule}; layer = block index)"),
@@ -59,13 +74,19 @@ def info_tables(title: str, summary: Any, doc: dict[str, Any]) -> list[Table]:
                                                      ["Ā min", "Ā median", "Ā max"])],
             [(la.layer, f(la.a_min), f(la.a_median), f(la.a_max), f(la.abar_min), f(la.abar_median), f(la.abar_max))
              for la in summary.layers_a]))
-    return tables
+    return tables + window_tables(summary)  # no decay (short conv): the hard window per layer
 
 
 def _size_rows(summary: Any) -> list[tuple[str, Any]]:
-    """The SSM sizes under their names: Mamba's (d_inner, d_state, heads, head dim, groups of B and C), or a gated
-    delta rule's (value heads h, key heads, key dim n, value dim p: one n × p state per value head).  The result.json
-    keys stay Mamba's: d_inner = h·p, d_state = n, heads = h, head_dim = p, groups = key heads."""
+    """The SSM sizes by name (result.json keeps Mamba's keys; a delta rule: d_inner = h·p, d_state = n, groups = hk)."""
+    if summary.ssm_kind == "shortconv":  # result.json: d_inner = d, d_state = L − 1
+        return [("conv channels d", summary.d_inner), ("state per channel: last L − 1 inputs", summary.d_state)]
+    if summary.ssm_kind == "rglru":  # result.json: d_inner = d, d_state = 1, heads / head_dim = the gate blocks
+        return [("channels d (lru_width)", summary.d_inner), ("state per channel", summary.d_state),
+                ("gate blocks (block-diagonal)", summary.heads), ("channels per gate block", summary.head_dim)]
+    if summary.ssm_kind == "mlstm":  # result.json: d_inner = h·p, d_state = n (q/k head dim)
+        return [("heads h", summary.heads), ("q/k head dim n", summary.d_state), ("value head dim p", summary.head_dim),
+                ("value width h·p", summary.d_inner)]
     if summary.ssm_kind == "delta":
         return [("value heads h", summary.heads), ("key heads", summary.groups), ("key dim n", summary.d_state),
                 ("value dim p", summary.head_dim), ("value width h·p", summary.d_inner)]
@@ -74,7 +95,9 @@ def _size_rows(summary: Any) -> list[tuple[str, Any]]:
 
 
 KIND_WORDS = {"M": "SSM", "A": "attention", "P": "attn ∥ SSM", "S": "shared attn + SSM", "G": "delta rule (head)",
-              "K": "delta rule (key ch.)", "F": "MLP only", "?": "—"}
+              "K": "delta rule (key ch.)", "C": "short conv (window)", "R": "RG-LRU (channel)",
+              "W": "RWKV time mix", "X": "mLSTM (head)", "F": "MLP only",
+              "?": "—"}
 
 
 def smooth_layer_tables(results: list[tuple[str, Any]], metric: str) -> list[Table]:

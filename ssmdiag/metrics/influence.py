@@ -21,6 +21,7 @@ or vocabulary), T targets.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,6 +34,7 @@ from .influence_fit import (DecayFit, InfluenceCurve, PowerLawFit, aggregate_cur
                             fit_decay, fit_power_law, near_share, rows_by_distance, sample_curves, select_shape)
 from .delta_influence import DeltaLayerBound, measure_delta_bounds
 from .hidden_attention import layer_alpha as _layer_alpha, per_layer_rows  # noqa: F401  (closed form: there)
+from .layer_rows import bounds_for
 from .spectrum import DecayBound, slowest_channel_rates, summarize_bound
 
 @dataclass
@@ -356,6 +358,13 @@ def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
             bounds = measure_delta_bounds(loaded.model, loaded.adapter, ids, cfg.targets, which, layer_rows)
             for ld in layers:
                 ld.bound = bounds.get(ld.layer)
+        elif (measure := bounds_for(loaded.adapter.ssm_kind)) is not None:  # a registered kind's (layer_rows.py)
+            bounds = measure(loaded.model, loaded.adapter, ids, cfg.targets, which, layer_rows)
+            for ld in layers:
+                ld.bound = bounds.get(ld.layer)
+                if not getattr(ld.bound, "fit_applies", True):  # e.g. a hard window: no decay to fit, the bound says
+                    ld.shape, ld.verdict, ld.decay_rate, ld.r2 = ld.bound.shape, ld.bound.note, math.nan, math.nan
+                    ld.decay_rate_ci95 = ld.half_life = ld.exponent = ld.exponent_ci95 = None
         layer_seconds = time.perf_counter() - t1
     far = next((b for b in summary.bands if b.band == "far"), None)
     # the Ā bound limits a pure SSM stack; a hybrid's attention layers carry influence past it (no bound claimed)

@@ -53,6 +53,7 @@ class ModelSummary:
     ssm_layers: list[int] = field(default_factory=list)
     head_dim: int | None = None
     groups: int | None = None
+    layers_window: list[dict] = field(default_factory=list)  # no-decay kinds (short conv): {"layer", "window"} rows
 
 
 def abar_at(A: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -127,8 +128,11 @@ def _summarize_kind(adapter: Adapter, summary: ModelSummary) -> ModelSummary:
     kind = adapter.recurrent_kind
     summary.delta_rule = kind.decay_rule
     for i in summary.ssm_layers:
-        decay = kind.decay(adapter.ssm_mixer(adapter.blocks()[i]))
-        if decay is None:
+        layer = adapter.ssm_mixer(adapter.blocks()[i])
+        decay = kind.decay(layer)
+        if decay is None:  # a hard window (short conv): its width, not a decay
+            if kind.decay_unit == "window":
+                summary.layers_window.append({"layer": i, "window": kind.sizes(layer)["window"]})
             continue
         vals = sorted(decay.double().flatten().tolist())
         med = vals[(len(vals) - 1) // 2]  # the lower median: an actual value, like torch.median

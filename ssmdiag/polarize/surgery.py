@@ -67,6 +67,9 @@ def check_polarizable(model: nn.Module, channels: str, mode: str) -> str:
         raise SsmdiagError(f"unknown --mode '{mode}'", hint="use add or replace")
     if adapter.ssm_kind == "delta":  # refuse a gate without α ≡ 0 (Bailing's safe gate) before any work
         check_layout(adapter.ssm_mixer(adapter.blocks()[adapter.ssm_layers()[0]]))
+    elif getattr(adapter.recurrent_kind, "polarize", ""):  # a registered kind that says why it has no polarization
+        raise SsmdiagError(f"{adapter.model_type}: {adapter.recurrent_kind.polarize}",
+                           hint="polarize supports Mamba-based and gated-delta-rule checkpoints")
     else:
         adapter.ssm_config_keys  # noqa: B018 (the other kinds: refused there, with the reason)
     return family
