@@ -47,4 +47,4 @@ register(RecurrentKind(
     kind="rglru", letter="R", meaning="RG-LRU recurrence, one decay per channel (RecurrentGemma)",
     families=("recurrent_gemma",), classes=("RecurrentGemmaRecurrentBlock",), sizes=_sizes, decay=decay,
     decay_rule=RULE, decay_unit="channel", norm_paths=("temporal_pre_norm",), final_norms=("final_norm",),
-    polarize=POLARIZE))
+    decay_params=("rg_lru.recurrent_param", "rg_lru.recurrent_gate_bias"), polarize=POLARIZE))
