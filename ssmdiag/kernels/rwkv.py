@@ -62,11 +62,11 @@ class RwkvRecord:
     backend: str
     k: torch.Tensor | None = None  # (b, l, d) keys
     v: torch.Tensor | None = None  # (b, l, d) values
-    w: torch.Tensor | None = None  # (d,) log of the per-step decay, −exp(time_decay)
-    u: torch.Tensor | None = None  # (d,) time_first, the current token's bonus
+    w: torch.Tensor | None = None  # (d,) float64: log of the per-step decay, −exp(time_decay)
+    u: torch.Tensor | None = None  # (d,) float64: time_first, the current token's bonus
     wkv: torch.Tensor | None = None  # (b, l, d) the recurrence's output (before r ⊙ and the output projection)
     states: torch.Tensor | None = None  # the normalised state num/den (a weighted mean of past v): (b, l | k, d)
-    abar_min: torch.Tensor | None = None  # (d,): exp(w), the same at every token (static decay)
+    abar_min: torch.Tensor | None = None  # (d,) float64: exp(w), the same at every token (static decay)
     abar_max: torch.Tensor | None = None
 
 
@@ -130,8 +130,9 @@ def rwkv_time_mix(module, hidden, state: RwkvState | None = None, mask=None, bac
     out, states = (res, None) if request is None else res
     recorded, last = _split_states(states, how)
     if rec is not None:
-        _store(rec, layer, "ref" if backend == "ref" else "torch", k, v, -module.time_decay.to(ct).exp(),
-               module.time_first.to(ct), out, recorded)
+        # w and u in float64 from the parameters: the rows read the layer's exact decay, not its rounding
+        _store(rec, layer, "ref" if backend == "ref" else "torch", k, v, -module.time_decay.double().exp(),
+               module.time_first.double(), out, recorded)
     if hf_state is not None:
         hf_state[1][:, :, hf_layer] = x[:, -1]
         for j in range(3):

@@ -51,7 +51,8 @@ def _check(time_decay, time_first, k, v, state):
 
 
 def _decay(time_decay: torch.Tensor, ct) -> torch.Tensor:
-    """w = −exp(time_decay), floored at −1e30 (an overflow to −inf would make 0·w a NaN; e^{−1e30} is 0 all the same)."""
+    """w = −exp(time_decay), floored at −1e30 (an overflow to −inf would make 0·w a NaN; e^{−1e30} is 0 just the
+    same)."""
     return -torch.exp(time_decay.to(ct)).clamp(max=MAX_RATE)
 
 

@@ -368,7 +368,8 @@ def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
         layer_seconds = time.perf_counter() - t1
     far = next((b for b in summary.bands if b.band == "far"), None)
     # the Ā bound limits a pure SSM stack; a hybrid's attention layers carry influence past it (no bound claimed)
-    pure_ssm = loaded.adapter.is_ssm and not loaded.adapter.is_hybrid
+    # (it reads Mamba's Δ and A: a registered kind's pure stack, RWKV or xLSTM, has its per-layer bound instead)
+    pure_ssm = loaded.adapter.is_ssm and not loaded.adapter.is_hybrid and loaded.adapter.recurrent_kind is None
     bound = measure_bound(loaded.model, loaded.adapter, ids, far) if pure_ssm else None
     result = ModelInfluence(
         name=loaded.name, spec=loaded.spec, family=loaded.family,
