@@ -219,3 +219,16 @@ def test_cli_info_influence_smooth_needle_on_rwkv(tiny_root, tiny_tokenizer_dir,
     assert n["carry_check"]["ok"] is True and n["carry_check"]["mode"] == "carry"
     assert n["carry_check"]["rel_error"] <= 1e-4
     assert n["reuse"]["computed_tokens"] < n["reuse"]["prompt_tokens"]
+
+
+def test_polarize_refuses_rwkv_in_one_line_that_says_why(tiny_root, tiny_tokenizer_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from ssmdiag.cli import app
+    from tinymodels import save_checkpoint
+
+    path = save_checkpoint(make_rwkv(), tiny_root / "rwkv-polarize", tiny_tokenizer_dir)
+    res = CliRunner().invoke(app, ["polarize", str(path), "--out", str(tmp_path), "--quiet"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and "RWKV" in errors[0] and "two-token window" in res.output, res.output

@@ -42,10 +42,17 @@ def _decay(module) -> torch.Tensor:
     return torch.exp(-torch.exp(td))
 
 
+# why polarize refuses RWKV (one line): neither pole of the decay is the paper's Ā ≡ 1 / Ā ≡ 0 pair
+POLARIZE = ("polarize does not support RWKV time mixes: with the normalised output a decay-1 channel (time_decay → −∞) "
+            "is a running average of every past value, each old token's share falling like 1/t rather than kept, "
+            "and a decay-0 channel (time_decay → +∞) still reads the previous token undecayed (wkv weighs s = t − 1 "
+            "by e^(k_s), no factor of w), a two-token window rather than none")
+
+
 register(RecurrentKind(
     kind="rwkv", letter="W", meaning="RWKV time mix: a static decay per channel, normalised output",
     families=("rwkv",), pure=("rwkv",), classes=("RwkvSelfAttention",), sizes=_sizes, decay=_decay,
     decay_rule=("w = exp(−exp(time_decay)) per channel: static, exact at every token (no input enters it); the output "
                 "is normalised (a ratio), so w sets past tokens' weights relative to each other and to the current "
                 "token's bonus, not an absolute forgetting"),
-    decay_unit="channel", norm_paths=("ln1",), final_norms=("ln_out",)))
+    decay_unit="channel", norm_paths=("ln1",), final_norms=("ln_out",), polarize=POLARIZE))
