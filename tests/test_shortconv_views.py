@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ssmdiag.kernels import mixer as mx
-from test_shortconv import LFM_FAMILIES, make_lfm
+from test_shortconv import LFM_FAMILIES, LFM_PARAMS, make_lfm
 
 
-@pytest.fixture(scope="module", params=LFM_FAMILIES)
+@pytest.fixture(scope="module", params=LFM_PARAMS)
 def lfm_model(request):
     return request.param, make_lfm(request.param)
 
@@ -141,7 +141,7 @@ def test_polarize_refuses_with_the_reason(lfm_model):
 
 
 # --- through the CLI ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", [f for f in ("lfm2", "lfm3") if f in LFM_FAMILIES])
+@pytest.mark.parametrize("family", [p for p in LFM_PARAMS if p.values[0] in ("lfm2", "lfm3")])
 def test_cli_info_influence_smooth_needle_polarize(family, tiny_root, tiny_tokenizer_dir, tmp_path):
     from typer.testing import CliRunner
 
