@@ -98,9 +98,9 @@ class Adapter:
         """
         self._require_ssm()
         if self.family not in SSM_CONFIG_KEYS:
-            raise SsmdiagError(f"{self.model_type}: its {self.ssm_kind} layers have no Mamba SSM size keys (gated-"
-                               "delta-rule layers are resized by polarize/delta.py, from linear_num_*_heads)",
-                               hint="polarize supports Mamba-based and gated-delta-rule checkpoints")
+            raise SsmdiagError(f"{self.model_type}: polarize supports Mamba SSM and gated-delta-rule layers, not its "
+                               f"{self.ssm_kind} layers (no Mamba size keys to rewrite)",
+                               hint="polarize a Mamba-based or gated-delta-rule checkpoint")
         keys = SSM_CONFIG_KEYS[self.family]
         missing = [k for role, k in keys.items() if k and role != "d_inner" and not hasattr(self.config, k)]
         if missing:

@@ -18,7 +18,7 @@ one head count per model): new q, k, v, output-gate rows and conv channels rando
 `a` rows zero, out_proj columns zero — the new heads are computed but not read until training moves out_proj.
 The first new value head gets α ≡ 1, the second α ≡ 0 (r = 1: one new key head each); further new heads (r > 2)
 are free capacity with the layer's median A_log and dt_bias.  Replace mode repurposes the first (α ≡ 1) and last
-(α ≡ 0) value head of every key head.  Refused: Bailing-hybrid / GLM-5-next's "safe" gate
+(α ≡ 0) value head of every key head (r ≥ 2), else of the layer.  Refused: Bailing-hybrid / GLM-5-next's "safe" gate
 (log α = bound · σ(·) ≥ bound > −∞, so α ≡ 0 does not exist there).
 
 Dimension letters as in docs/architecture.md: h value heads, hk key heads, n key dim, p value dim, r = h / hk,
@@ -73,7 +73,8 @@ def _specs(mixer: nn.Module, lay: DeltaLayout) -> dict[str, Spec]:
                       "forget_gate.f_b_proj.weight": Spec(0, (Block("v", n, ZERO, True),)),
                       "forget_gate.dt_bias": Spec(0, (Block("v", n, MEDIAN, True),)),
                       "forget_gate.A_log": Spec(2, (Block("v", 1, ALOG, True),)),
-                      "g_b_proj.weight": Spec(0, (Block("v", p, RAND),)), "o_proj.weight": Spec(1, (Block("v", p, ZERO),))})
+                      "g_b_proj.weight": Spec(0, (Block("v", p, RAND),)),
+                      "o_proj.weight": Spec(1, (Block("v", p, ZERO),))})
         return specs
     head = {"A_log": Spec(0, (Block("v", 1, ALOG, True),)), "dt_bias": Spec(0, (Block("v", 1, MEDIAN, True),))}
     if hasattr(mixer, "in_proj_qkvz"):  # Qwen3-Next: [q | k | v (r heads) | z (r heads)] and [b | a] per key head
@@ -86,7 +87,8 @@ def _specs(mixer: nn.Module, lay: DeltaLayout) -> dict[str, Spec]:
     else:  # OLMo-hybrid: separate projections and a g_proj output gate
         specs.update({"q_proj.weight": Spec(0, qkv[:1]), "k_proj.weight": Spec(0, qkv[1:2]),
                       "v_proj.weight": Spec(0, qkv[2:]), "g_proj.weight": Spec(0, (Block("v", p, RAND),)),
-                      "b_proj.weight": Spec(0, (Block("v", 1, ZERO),)), "a_proj.weight": Spec(0, (Block("v", 1, ZERO, True),))})
+                      "b_proj.weight": Spec(0, (Block("v", 1, ZERO),)),
+                      "a_proj.weight": Spec(0, (Block("v", 1, ZERO, True),))})
     out = "out_proj.weight" if hasattr(mixer, "out_proj") else "o_proj.weight"
     return {**specs, **head, out: Spec(1, (Block("v", p, ZERO),))}
 
@@ -131,7 +133,8 @@ def _grow(t: torch.Tensor, spec: Spec, sizes: tuple[int, int], mk: int, m: int, 
     hk, h = sizes
     if t.shape[spec.dim] != _length(spec, hk, h):
         raise SsmdiagError(f"a gated-delta-rule parameter of shape {tuple(t.shape)} does not match the layout "
-                           f"ssmdiag expects ({hk} key heads, {h} value heads)", hint="report this with the transformers version")
+                           f"ssmdiag expects ({hk} key heads, {h} value heads)",
+                           hint="report this with the transformers version")
     shape = list(t.shape)
     shape[spec.dim] = _length(spec, hk + mk, h + m)
     out = torch.zeros(shape, dtype=t.dtype)
@@ -198,16 +201,18 @@ def polarize_delta(cfg, sd: dict, mixers: dict[int, nn.Module], prefixes: dict[i
     keys = head_count_keys(cfg, lay)
     hk, h = lay.key_heads, lay.heads
     r = h // hk
-    if mode == "replace":
-        if r < len(roles):
-            raise SsmdiagError(f"replace mode needs {len(roles)} value heads per key head; this model has {r}",
+    if mode == "replace":  # per key head where it has 2 value heads or more, else the layer's first / last head
+        if h < len(roles):
+            raise SsmdiagError(f"replace mode needs {len(roles)} value heads; this model has {h}",
                                hint="use --mode add or --channels one")
-        one = [j * r for j in range(hk)] if "one" in roles else []
-        zero = [j * r + r - 1 for j in range(hk)] if "zero" in roles else []
+        groups, size = (hk, r) if r >= 2 else (1, h)
+        one = [j * size for j in range(groups)] if "one" in roles else []
+        zero = [j * size + size - 1 for j in range(groups)] if "zero" in roles else []
         for layer in chosen:
             _polarize_heads(sd, prefixes[layer], _specs(mixers[layer], lays[layer]), (hk, h), one, zero)
-        return one, zero, [], (f"repurposed value heads {one + zero} (first / last of each of the {hk} key heads): "
-                               "A_log ±40, their `a` rows zero and dt_bias 0, all fixed in training"), h
+        where = f"of each of the {hk} key heads" if groups > 1 else "of the layer"
+        return one, zero, [], (f"repurposed value heads {one + zero} (first / last {where}): A_log ±40, their `a` "
+                               "rows zero and dt_bias 0, all fixed in training"), h
     mk = math.ceil(len(roles) / r)
     m = mk * r
     one = [h + roles.index("one")] if "one" in roles else []
