@@ -54,16 +54,12 @@ def info_tables(title: str, summary: Any, doc: dict[str, Any]) -> list[Table]:
             ("tokenizer", doc["tokenizer"] or "none")]
     tables = [console.table(title, ["property", "value"], rows)]
     delta = summary.ssm_kind == "delta"
-    if summary.layers_a and summary.ssm_kind == "rglru":  # a is the decay itself: its log in the A columns
+    own = {"rglru": ("a", "the decay a per RG-LRU"), "mlstm": ("f", "the forget gate f per mLSTM")}
+    if summary.layers_a and summary.ssm_kind in own:  # the decay itself (a, f) at zero input, its log in the A columns
+        sym, what = own[summary.ssm_kind]
         tables.append(console.table(
-            f"ln a and the decay a per RG-LRU layer ({summary.delta_rule}; layer = block index)",
-            ["layer", "ln a min", "ln a median", "ln a max", "a min", "a median", "a max"],
-            [(la.layer, f(la.a_min), f(la.a_median), f(la.a_max), f(la.abar_min), f(la.abar_median), f(la.abar_max))
-             for la in summary.layers_a]))
-    elif summary.layers_a and summary.ssm_kind == "mlstm":  # the forget gate f per head at zero input
-        tables.append(console.table(
-            f"ln f and the forget gate f per mLSTM layer ({summary.delta_rule}; layer = block index)",
-            ["layer", "ln f min", "ln f median", "ln f max", "f min", "f median", "f max"],
+            f"ln {sym} and {what} layer ({summary.delta_rule}; layer = block index)",
+            ["layer", *(f"{p}{sym} {q}" for p in ("ln ", "") for q in ("min", "median", "max"))],
             [(la.layer, f(la.a_min), f(la.a_median), f(la.a_max), f(la.abar_min), f(la.abar_median), f(la.abar_max))
              for la in summary.layers_a]))
     elif summary.layers_a:
@@ -96,8 +92,7 @@ def _size_rows(summary: Any) -> list[tuple[str, Any]]:
 
 KIND_WORDS = {"M": "SSM", "A": "attention", "P": "attn ∥ SSM", "S": "shared attn + SSM", "G": "delta rule (head)",
               "K": "delta rule (key ch.)", "C": "short conv (window)", "R": "RG-LRU (channel)",
-              "W": "RWKV time mix", "X": "mLSTM (head)", "F": "MLP only",
-              "?": "—"}
+              "W": "RWKV time mix", "X": "mLSTM (head)", "F": "MLP only", "?": "—"}
 
 
 def smooth_layer_tables(results: list[tuple[str, Any]], metric: str) -> list[Table]:
