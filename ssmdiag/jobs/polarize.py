@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .. import console
+from ..adapters import DELTA_FAMILIES
 from ..errors import SsmdiagError
 from ..loading import LoadedModel, LoadOptions, require_tokenizer
 from ..metrics.polarize import diagnose
@@ -294,8 +295,9 @@ def _patch_tables(metrics: dict) -> list:
 def _report_table(rep, reload: dict) -> Any:
     """What the patch did, and the logit checks."""
     f, unit = console.fmt, rep.unit.replace("_", " ")
+    decay = "α" if rep.family in DELTA_FAMILIES else "Ā"  # the gated delta rule's per-step decay is α
     rows = [("family", rep.family), ("mode", rep.mode), ("channels", rep.channels), ("layers", _span(rep.layers)),
-            (f"{unit}s with Ā ≡ 1", rep.one), (f"{unit}s with Ā ≡ 0", rep.zero),
+            (f"{unit}s with {decay} ≡ 1", rep.one), (f"{unit}s with {decay} ≡ 0", rep.zero),
             ("d_state" if rep.unit == "state_channel" else "heads", f"{rep.size_before} → {rep.size_after}"),
             ("parameters", f"{rep.params_before:,} → {rep.params_after:,}"),
             ("function-preserving by construction", "yes" if rep.function_preserving else "no (repurposed)"),

@@ -227,9 +227,11 @@ def polarize_delta(cfg, sd: dict, mixers: dict[int, nn.Module], prefixes: dict[i
     setattr(cfg, keys[0], h + m)
     if keys[1]:
         setattr(cfg, keys[1], hk + mk)
+    a_rows = "forget-gate (f_b_proj)" if lay.kind == "channel" else "`a`"
     how = (f"value heads {h} -> {h + m}" + (f", key heads {hk} -> {hk + mk}" if keys[1] else "")
-           + ": new q/k/v, output-gate rows and conv channels random, β and `a` rows zero, out_proj columns zero "
-           "(not read until training moves them); polarized heads have A_log ±40, `a` rows zero and dt_bias 0 "
+           + f": new q/k/v, output-gate rows and conv channels random, β and {a_rows} rows zero, out_proj "
+           f"columns zero (not read until training moves them); polarized heads have A_log ±40, {a_rows} rows zero "
+           "and dt_bias 0 "
            "(fixed in training), so α is exactly 1 / 0 at every token; unpolarized layers get the same heads with "
            "the median A_log")
     return one, zero, list(range(h, h + m)), how, h + m
