@@ -98,20 +98,44 @@ class MLSTMRecord:
     states: torch.Tensor | None = None  # stabilised C: "last" (b, h, n, p); "all" / positions (b, l | k, h, n, p)
     abar_min: torch.Tensor | None = None  # (h,): min over batch and time of f
     abar_max: torch.Tensor | None = None
+    last_C: torch.Tensor | None = None  # the final stabilised C (to join the pieces of one long forward)
 
 
-def _store(rec: Recorder, layer: int, backend: str, q, k, v, i_pre, log_f, scan, initial) -> None:
+def _store(rec: Recorder, layer: int, backend: str, q, k, v, i_pre, log_f, scan, initial, continued) -> None:
     keep = (lambda t: None if t is None else t.detach()) if rec.detach else (lambda t: t)
-    entry = MLSTMRecord(layer=layer, backend=backend, scale=q.shape[-1] ** -0.5)
+    entry = MLSTMRecord(layer=layer, backend=backend, scale=q.shape[-1] ** -0.5, last_C=keep(scan.last.C))
     if rec.params:
         entry.q, entry.k, entry.v, entry.i_pre, entry.log_f = (keep(t) for t in (q, k, v, i_pre, log_f))
         entry.m, entry.denom = keep(scan.m), keep(scan.denom)
-        entry.initial = None if initial is None else MLSTMState(*(keep(t) for t in (initial.C, initial.n, initial.m)))
+        fresh = initial is None or not any(bool(t.any()) for t in (initial.C, initial.n, initial.m))  # zeros: no history
+        entry.initial = None if fresh else MLSTMState(*(keep(t) for t in (initial.C, initial.n, initial.m)))
     if rec.states is not None:
         entry.states = keep(scan.last.C if isinstance(rec.states, str) and rec.states == "last" else scan.states)
     if rec.abar_stats:
         entry.abar_min, entry.abar_max = keep(log_f.amin(dim=(0, 1)).exp()), keep(log_f.amax(dim=(0, 1)).exp())
+    prev = rec.layers.get(layer)
+    if continued and isinstance(prev, MLSTMRecord) and prev.last_C is not None and entry.initial is not None and \
+            prev.last_C.shape == initial.C.shape and torch.equal(prev.last_C.to(initial.C.dtype), initial.C):
+        # (transformers' own long-input path keeps the state between pieces in a bfloat16 xLSTMCache: compare there)
+        entry = _joined(prev, entry, rec.states)
     rec.layers[layer] = entry
+
+
+def _joined(prev: MLSTMRecord, entry: MLSTMRecord, states) -> MLSTMRecord:
+    """One record of a forward transformers ran in pieces through its cache (inputs past max_inference_chunksize):
+    the piece continues exactly where `prev` ended, so the time axes join (m and the denominators are absolute)."""
+    for name in ("q", "k", "v", "i_pre", "log_f", "m", "denom"):
+        a, b = getattr(prev, name), getattr(entry, name)
+        setattr(entry, name, None if a is None or b is None else torch.cat([a, b], dim=1))
+    entry.initial = prev.initial
+    if isinstance(states, str) and states == "all" and prev.states is not None:
+        entry.states = torch.cat([prev.states, entry.states], dim=1)
+    elif states is not None and not isinstance(states, str):  # positions of the whole input: not joinable per piece
+        entry.states = None
+    if prev.abar_min is not None and entry.abar_min is not None:
+        entry.abar_min = torch.minimum(prev.abar_min, entry.abar_min)
+        entry.abar_max = torch.maximum(prev.abar_max, entry.abar_max)
+    return entry
 
 
 def mlstm_layer(module, hidden_states, state: MLSTMState | None = None, attention_mask=None, backend="auto",
@@ -128,7 +152,8 @@ def mlstm_layer(module, hidden_states, state: MLSTMState | None = None, attentio
     heads, n, p = layer_sizes(module)
     bsz, length, _ = hidden_states.shape
     dtype = hidden_states.dtype
-    if state is None and given is not None:
+    from_given = state is None and given is not None
+    if from_given:
         # copies: transformers writes the returned state into these same cache tensors in place (autograd)
         state = MLSTMState(given[0].clone(), given[1].clone(), given[2].reshape(bsz, heads).clone())
     q, k, v, o, i_pre, f_pre = _project(module, hidden_states)
@@ -141,7 +166,7 @@ def mlstm_layer(module, hidden_states, state: MLSTMState | None = None, attentio
                       int(getattr(module.config, "chunk_size", CHUNK)), backend)
     if rec is not None:
         _store(rec, int(module._ssmdiag_layer), "ref" if backend == "ref" else "torch", q, k, v, i_pre, log_f, scan,
-               state)
+               state, from_given)
     y = torch.sigmoid(o) * _head_norm(module.multihead_norm, scan.h.to(dtype))
     last = scan.last
     out = (module.out_proj(y), (last.C, last.n, last.m[..., None]))

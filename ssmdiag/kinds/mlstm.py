@@ -42,4 +42,8 @@ register(RecurrentKind(
     decay_rule=("f = σ(cap·tanh(b_f/cap)) per head at zero input (parameter-only: the forget gate depends on the "
                 "input; the exponential input gate scales each write and the output is normalised by "
                 "max(|nᵀq|, exp(−m)))"),
-    decay_unit="head", norm_paths=("norm_mlstm",), final_norms=("out_norm",)))
+    decay_unit="head", norm_paths=("norm_mlstm",), final_norms=("out_norm",),
+    polarize=("polarize does not support mLSTM layers: the soft-capped forget gate σ(cap·tanh(f̃/cap)) cannot be "
+              "held at 1 or 0 (it stays inside σ(±cap)), the exponential input gate and the normaliser "
+              "max(|nᵀq|, exp(−m)) make an f ≈ 1 head a normalised running average rather than a kept state, and "
+              "a new head resizes q/k/v, both gates, the per-head norm, out_proj and xLSTMCache's heads")))

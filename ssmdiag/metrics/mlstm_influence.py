@@ -25,10 +25,15 @@ Dimension letters: b batch, l time, h heads, n key dim, T targets.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from ..kernels.mlstm_layer import MLSTMRecord
-from .layer_rows import register_rows
+from .layer_rows import register_bounds, register_rows
+
+ROW_REL_TOL = 1e-9  # rows and their bound are both float64 from the same recorded tensors: only rounding apart
 
 
 def _targets(targets, length: int) -> torch.Tensor:
@@ -89,4 +94,65 @@ def max_forget_rate(record: MLSTMRecord) -> float:
     return -float(record.log_f.double().max())
 
 
+@dataclass
+class MLSTMLayerBound:
+    """The bound of one mLSTM layer on the run's inputs, for `influence --per-layer` (module docstring).
+
+    Args:
+        rate: −ln max f over heads and every token of every sample: Π max f falls at least this fast per token.
+        rate_mean: the slowest head's −(mean over tokens of log f) (not a bound).
+        gate_max: the largest input-gate pre-activation ĩ seen: the bound's factor exp(ĩ_s) reaches exp(gate_max).
+        rows_within: every measured row entry ≤ its bound (relative slack ROW_REL_TOL); excess: max of row / bound.
+    """
+
+    layer: int
+    rate: float
+    rate_mean: float
+    gate_max: float
+    rows_within: bool
+    excess: float
+    holds: bool = True  # a theorem (the normaliser's floor), not a condition
+    head: str = "bound (∏ max f · e^ĩ)"
+    note: str = ("mLSTM rows are ≤ ∏ max f · exp(ĩ_s)·‖q̃‖‖k‖ (the normaliser only shrinks them); the input gate "
+                 "exp(ĩ_s) rides on the decay, so −ln max f is a rate up to that factor; every row checked")
+
+    @property
+    def cell(self) -> str:
+        return f"≥ {self.rate:.3g}, e^ĩ ≤ {math.exp(min(self.gate_max, 700)):.3g}" + (
+            " ok" if self.rows_within else " VIOLATED")
+
+
+def measure_mlstm_bounds(model, adapter, ids: torch.Tensor, targets, layers: list[int],
+                         layer_rows) -> dict[int, MLSTMLayerBound]:
+    """The bound of every mLSTM layer among `layers`, checked against its measured rows (one recorded forward per
+    sample, no gradients).  Arguments as delta_influence.measure_delta_bounds."""
+    from ..kernels.mixer import record
+
+    device = adapter.embedding().weight.device
+    top: dict[int, float] = {}
+    gate: dict[int, float] = {}
+    sums: dict[int, list] = {}
+    excess: dict[int, float] = {}
+    for i in range(ids.shape[0]):
+        with torch.no_grad(), record(model, params=True) as rec:
+            adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
+        for k, layer in enumerate(layers):
+            lr = rec.layers.get(layer)
+            if not isinstance(lr, MLSTMRecord):
+                continue
+            log_f = lr.log_f.double().cpu()                                        # (b, l, h)
+            top[layer] = max(top.get(layer, -math.inf), float(log_f.max()))
+            gate[layer] = max(gate.get(layer, -math.inf), float(lr.i_pre.max()))
+            sums.setdefault(layer, []).append(log_f.mean(dim=(0, 1)))
+            rows = torch.as_tensor(layer_rows[k, i])[None].double()
+            bound = mlstm_row_bound(lr, targets).cpu()
+            ratio = torch.where(rows > 0, rows / bound.clamp_min(1e-300), torch.zeros_like(rows))
+            excess[layer] = max(excess.get(layer, 0.0), float(ratio.max()))
+    return {layer: MLSTMLayerBound(layer=layer, rate=-top[layer],
+                                   rate_mean=-float(torch.stack(sums[layer]).mean(0).max()), gate_max=gate[layer],
+                                   rows_within=excess[layer] <= 1 + ROW_REL_TOL, excess=excess[layer])
+            for layer in top}
+
+
 register_rows(MLSTMRecord, mlstm_layer_rows)
+register_bounds("mlstm", measure_mlstm_bounds)
