@@ -55,6 +55,26 @@ def test_info_decay_is_the_forget_gate_at_zero_input(xlstm):
         assert la.a_max == pytest.approx(float(f.max().log()), rel=1e-12) and 0 < la.abar_min < la.abar_max < 1
 
 
+def test_info_on_the_meta_device():
+    """A meta-device build (info on a preset): the forget-gate biases are materialised from transformers' own init,
+    linspace(3, 6) over the heads, so f = σ(15·tanh(b/15)) comes out exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from ssmdiag.adapters import get_adapter
+    from ssmdiag.loading import _materialize_ssm_parameters
+    from ssmdiag.metrics.summary import summarize_model
+    from tinyfamilies import make_tiny_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(make_tiny_config("xlstm"))
+    _materialize_ssm_parameters(model, 0)
+    s = summarize_model(get_adapter(model))
+    f = torch.sigmoid(15 * torch.tanh(torch.linspace(3, 6, 4, dtype=torch.float64) / 15))
+    assert [la.layer for la in s.layers_a] == [0, 1]
+    for la in s.layers_a:
+        assert (la.abar_min, la.abar_max) == pytest.approx((float(f[0]), float(f[-1])), rel=1e-6)
+
+
 def test_per_layer_rows_are_the_recorded_cells_rows(xlstm):
     from ssmdiag.adapters import get_adapter
     from ssmdiag.metrics.hidden_attention import per_layer_rows

@@ -43,6 +43,7 @@ register(RecurrentKind(
                 "input; the exponential input gate scales each write and the output is normalised by "
                 "max(|nᵀq|, exp(−m)))"),
     decay_unit="head", norm_paths=("norm_mlstm",), final_norms=("out_norm",),
+    decay_params=("fgate_preact.bias",),  # weight_mode "single" (xLSTM-7B's); a fused model on meta shows no decay
     polarize=("polarize does not support mLSTM layers: the soft-capped forget gate σ(cap·tanh(f̃/cap)) cannot be "
               "held at 1 or 0 (it stays inside σ(±cap)), the exponential input gate and the normaliser "
               "max(|nᵀq|, exp(−m)) make an f ≈ 1 head a normalised running average rather than a kept state, and "
