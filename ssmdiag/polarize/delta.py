@@ -93,16 +93,17 @@ def _specs(mixer: nn.Module, lay: DeltaLayout) -> dict[str, Spec]:
     return {**specs, **head, out: Spec(1, (Block("v", p, ZERO),))}
 
 
-def check_layout(mixer: nn.Module) -> DeltaLayout:
-    """The layer's layout, or a one-line refusal where polarization does not exist for it."""
+def check_layout(mixer: nn.Module, model_type: str) -> DeltaLayout:
+    """The layer's layout, or a one-line refusal (naming the model type) where polarization does not exist for it."""
     lay = describe(mixer)
     gate = getattr(mixer, "forget_gate", None)
     if gate is not None and (hasattr(gate, "safe_gate_lower_bound") or getattr(gate, "safe_gate", False)):
-        raise SsmdiagError(f"{type(mixer).__name__}: its 'safe' decay gate log α = bound · σ(·) keeps α ≥ exp(bound) "
-                           "> 0, so a head with α ≡ 0 does not exist there, and α ≡ 1 would need its gate saturated",
+        raise SsmdiagError(f"{model_type}: the 'safe' decay gate of its {type(mixer).__name__} layers, log α = bound · "
+                           "σ(·), keeps α ≥ exp(bound) > 0, so a head with α ≡ 0 does not exist there, and α ≡ 1 would "
+                           "need its gate saturated",
                            hint="polarize supports the softplus gate (Qwen3.5, Qwen3-Next, OLMo-hybrid, Kimi-Linear)")
     if gate is not None and not hasattr(gate, "f_b_proj"):
-        raise SsmdiagError(f"{type(mixer).__name__}: ssmdiag knows no head layout of its forget gate",
+        raise SsmdiagError(f"{model_type}: ssmdiag knows no head layout of the forget gate of {type(mixer).__name__}",
                            hint="polarize supports Qwen3.5, Qwen3-Next, OLMo-hybrid and Kimi-Linear")
     return lay
 
@@ -193,7 +194,7 @@ def polarize_delta(cfg, sd: dict, mixers: dict[int, nn.Module], prefixes: dict[i
         mixers, prefixes: {layer: delta-rule module}, {layer: its state-dict prefix}, for every delta layer.
     Returns: (one, zero, added, how, heads after).
     """
-    lays = {i: check_layout(m) for i, m in mixers.items()}
+    lays = {i: check_layout(m, str(getattr(cfg, "model_type", "?"))) for i, m in mixers.items()}
     lay = next(iter(lays.values()))
     if any((x.heads, x.key_heads, x.n, x.p) != (lay.heads, lay.key_heads, lay.n, lay.p) for x in lays.values()):
         raise SsmdiagError("the delta-rule layers of this model differ in size; polarize grows every layer alike",

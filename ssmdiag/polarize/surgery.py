@@ -66,7 +66,7 @@ def check_polarizable(model: nn.Module, channels: str, mode: str) -> str:
     if mode not in MODES:
         raise SsmdiagError(f"unknown --mode '{mode}'", hint="use add or replace")
     if adapter.ssm_kind == "delta":  # refuse a gate without α ≡ 0 (Bailing's safe gate) before any work
-        check_layout(adapter.ssm_mixer(adapter.blocks()[adapter.ssm_layers()[0]]))
+        check_layout(adapter.ssm_mixer(adapter.blocks()[adapter.ssm_layers()[0]]), adapter.model_type)
     elif getattr(adapter.recurrent_kind, "polarize", ""):  # a registered kind that says why it has no polarization
         raise SsmdiagError(f"{adapter.model_type}: {adapter.recurrent_kind.polarize}",
                            hint="polarize supports Mamba-based and gated-delta-rule checkpoints")
