@@ -327,6 +327,10 @@ def load_model(
         _ = loaded.tokenizer  # local or asked for: load now; a preset's hub tokenizer waits until a command needs it
     if loaded.adapter.is_ssm and not meta:
         loaded.backend = install_kernels(model, backend)
+        if loaded.backend != "hf":
+            from .kernels.mlstm_layer import lift_piecewise_inference
+
+            loaded.notes += lift_piecewise_inference(model)
     loaded.load_s = time.perf_counter() - t0
     return loaded
 

@@ -174,7 +174,8 @@ def test_cli_info_influence_smooth_needle_polarize(tiny_root, tiny_tokenizer_dir
     f = _forget_at_zero_input(mx.find_mixers(model)[0][1])
     assert s["layers_a"][0]["abar_max"] == pytest.approx(float(f.max()), rel=1e-9)
     assert "forget gate f per mLSTM layer" in printed["info"] and "(mLSTM)" in printed["info"]
-    m = run("influence", "--seq-len", "24", "--samples", "2", "--per-layer")["models"][0]
+    # 80 tokens: past the tiny config's max_inference_chunksize (64), where transformers alone would drop gradients
+    m = run("influence", "--seq-len", "80", "--samples", "2", "--per-layer")["models"][0]
     assert [r["layer"] for r in m["per_layer"]] == [0, 1]
     for r in m["per_layer"]:
         b = r["bound"]
@@ -187,4 +188,9 @@ def test_cli_info_influence_smooth_needle_polarize(tiny_root, tiny_tokenizer_dir
     assert n["carry_check"]["rel_error"] <= 1e-4
     assert n["reuse"]["computed_tokens"] < n["reuse"]["prompt_tokens"]
     run("polarize", code=1)
+    from ssmdiag.loading import load_model
+
+    loaded = load_model(str(path))
+    assert loaded.model.config.max_inference_chunksize > 10 ** 9 and "max_inference_chunksize 64 lifted" in \
+        loaded.notes[0]
     assert "polarize does not support mLSTM layers" in printed["polarize"]

@@ -181,3 +181,19 @@ def _call(args, kwargs):
 
 
 _kernel_kinds.register(_kernel_kinds.KernelKind(kind="mlstm", classes=LAYER_CLASSES, compute=mlstm_layer, call=_call))
+
+
+def lift_piecewise_inference(model) -> list[str]:
+    """xLSTM only: let an eval forward of any length run in one piece (returns the note for result.json, or []).
+
+    transformers runs an eval forward longer than config.max_inference_chunksize (16384 for xLSTM-7B) in pieces under
+    torch.no_grad, carrying the state between pieces in a bfloat16 xLSTMCache: no gradients (influence fails) and a
+    rounded state.  With ssmdiag's layers (chunked, so memory does not need the pieces) the whole input runs at once.
+    """
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) != "xlstm" or not isinstance(getattr(cfg, "max_inference_chunksize", None),
+                                                                     int):
+        return []
+    old, cfg.max_inference_chunksize = cfg.max_inference_chunksize, 2 ** 62
+    return [f"xLSTM: max_inference_chunksize {old} lifted while ssmdiag computes the mLSTM layers (transformers would "
+            "run longer inputs in pieces without gradients, with a bfloat16 state between them)"]
