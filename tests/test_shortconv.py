@@ -159,6 +159,22 @@ def test_generate_gives_the_same_tokens(lfm_model):
         assert _rel(a, b) < 1e-5
 
 
+def test_generate_with_left_padding_gives_the_same_tokens(lfm_model):
+    """Padded positions are zeroed before the gates, as transformers does (the 2D mask of the conv layers)."""
+    _, model = lfm_model
+    ids = torch.randint(3, 384, (2, 12), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :4], ids[1, :4] = 0, 1
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=1, attention_mask=mask)
+    ref = model.generate(ids, **kw)
+    mx.install(model, "auto")
+    try:
+        got = model.generate(ids, **kw)
+    finally:
+        mx.uninstall(model)
+    assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("split", [1, 5, 7, 16])
 def test_segments_of_any_size_equal_one_shot(lfm_model, split):
     from ssmdiag.metrics.prefill import ModelRunner

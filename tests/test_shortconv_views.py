@@ -164,7 +164,7 @@ def test_cli_info_influence_smooth_needle_polarize(family, tiny_root, tiny_token
 
     s = run("info")[0]["summary"]
     assert s["recurrence"] is True and s["ssm_kind"] == "shortconv" and s["pattern"][:3] == ["C", "A", "C"]
-    assert s["layers_a"] == [] and s["layers_window"] == [{"layer": 0, "window": window}, {"layer": 2, "window": window}]
+    assert s["layers_a"] == [] and s["layers_window"] == [{"layer": i, "window": window} for i in (0, 2)]
     assert s["d_state"] == window - 1 and "window per short-conv layer" in printed["info"]
     assert "Ā min" not in printed["info"] and "α min" not in printed["info"]
 
