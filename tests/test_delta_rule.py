@@ -213,18 +213,9 @@ CASES = {"qwen3_next": ("qwen3_next", {}), "qwen3_5": ("qwen3_5_text", {}), "qwe
 
 def _randomize(module, seed=1):
     """Spread the decay and norm parameters (inits set some to constants, which would hide an order mistake)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "A_log":
-                p.copy_(torch.rand(p.shape, generator=g) * 2.5 - 1.5)
-            elif leaf == "dt_bias":
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif not torch.isfinite(p).all() or p.abs().max() == 0:  # a module built alone: uninitialised weights
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    from tinyfamilies import spread_ssm_parameters
+
+    spread_ssm_parameters(module, seed, a_log_low=-1.5, dt_shift=0.0, norms=True, fill=True)
 
 
 def _glm5_layer(overrides):
@@ -245,16 +236,12 @@ def _model_and_layer(case):
     if model_type == "glm5_next":
         model, layer = _glm5_layer(overrides)
     else:
+        import transformers
         import tinyfamilies
-        from transformers import AutoModelForCausalLM
 
         if model_type not in tinyfamilies.RECURRENT_FAMILIES:
-            pytest.skip(f"{model_type} is not in the installed transformers")
-        cfg = tinyfamilies.make_tiny_config(model_type)
-        for key, value in overrides.items():
-            setattr(cfg, key, value)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg).eval()
+            pytest.skip(f"{model_type} is not in transformers {transformers.__version__}")
+        model = tinyfamilies.make_tiny(model_type, 0, **overrides)
         layer = next(m for m in model.modules() if delta_kind(m))
     _randomize(layer)
     return model, layer

@@ -87,17 +87,33 @@ def make_hybrid(family: str, seed: int = 0, randomize_ssm: bool = True):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_hybrid_config(family)).eval()
     if randomize_ssm:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                leaf = name.rsplit(".", 1)[-1]
-                if leaf == "A_log":
-                    p.copy_(torch.rand(p.shape, generator=g) * 2.5 - 0.5)
-                elif leaf == "D":
-                    p.copy_(torch.randn(p.shape, generator=g))
-                elif leaf in ("dt_bias",) or name.endswith("dt_proj.bias") or leaf == "dt_proj_bias":
-                    p.copy_(torch.randn(p.shape, generator=g) - 2.0)
+        spread_ssm_parameters(model, seed + 1)
     return model
+
+
+def spread_ssm_parameters(module, seed: int, a_log_low: float = -0.5, dt_shift: float = -2.0, norms: bool = False,
+                          fill: bool = False) -> None:
+    """Spread a module's recurrence parameters over realistic ranges, in place (transformers' inits set some of them
+    to constants, which would hide a head-, channel- or order mistake from a parity test).
+
+    A_log ~ U(a_log_low, a_log_low + 2.5), D ~ N(0, 1), the Δ bias (dt_bias, dt_proj.bias) ~ N(dt_shift, 1); with
+    norms, norm weights ~ 1 + 0.3·N(0, 1); with fill, any other all-zero or non-finite parameter (a module built
+    alone, uninitialised) ~ 0.2·N(0, 1).  One generator seeded `seed`, parameters in named_parameters order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "A_log":
+                p.copy_(torch.rand(p.shape, generator=g) * 2.5 + a_log_low)
+            elif leaf == "D":
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif leaf in ("dt_bias",) or name.endswith("dt_proj.bias") or leaf == "dt_proj_bias":
+                p.copy_(torch.randn(p.shape, generator=g) + dt_shift)
+            elif norms and "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif fill and (not torch.isfinite(p).all() or p.abs().max() == 0):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def save_hybrid(family: str, path: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
@@ -225,18 +241,20 @@ def _shrink(defaults: dict) -> dict:
 RECURRENT_FAMILIES = discover_recurrent_families()
 
 
-def make_tiny_config(model_type: str):
-    """The tiny config of a RECURRENT_FAMILIES model type: the generic shrink, then the family's overrides."""
+def make_tiny_config(model_type: str, **overrides):
+    """The tiny config of a RECURRENT_FAMILIES model type: the generic shrink, the family's overrides, then the
+    caller's (e.g. linear_allow_neg_eigval=False)."""
     from transformers import AutoConfig
 
-    values = {**_shrink(AutoConfig.for_model(model_type).to_dict()), **_OVERRIDES.get(model_type, {})}
+    values = {**_shrink(AutoConfig.for_model(model_type).to_dict()), **_OVERRIDES.get(model_type, {}), **overrides}
     if "layer_types" in values:
         values["num_hidden_layers"] = len(values["layer_types"])
     return AutoConfig.for_model(model_type, **values)
 
 
-def make_tiny(model_type: str, seed: int = 0):
-    """A tiny random model of any family: a Mamba hybrid, a pure SSM, another recurrent family or a transformer."""
+def make_tiny(model_type: str, seed: int = 0, **overrides):
+    """A tiny random model of any family: a Mamba hybrid, a pure SSM, another recurrent family or a transformer
+    (overrides: config values of a RECURRENT_FAMILIES type)."""
     from transformers import AutoModelForCausalLM
 
     if model_type in MAMBA_HYBRIDS:
@@ -246,7 +264,26 @@ def make_tiny(model_type: str, seed: int = 0):
 
         return make_model(model_type, seed)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(make_tiny_config(model_type)).eval()
+    return AutoModelForCausalLM.from_config(make_tiny_config(model_type, **overrides)).eval()
+
+
+# the gated-delta-rule families (kernels/delta_mixer.py DELTA_KINDS) that have a causal-LM class; the installed
+# transformers may lack some (5.20: no lara_mini): tests skip those by name
+DELTA_FAMILIES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "kimi_linear", "bailing_hybrid",
+                  "lara_mini", "qwen4_exp_text")
+
+
+def make_delta(model_type: str, seed: int = 0, **overrides):
+    """A tiny model of a delta family with A_log and dt_bias spread (α from ~0.05 to ~1 at zero input); pytest skips
+    (with the version) where the installed transformers lacks the family."""
+    if model_type not in RECURRENT_FAMILIES:
+        import pytest
+        import transformers
+
+        pytest.skip(f"{model_type} is not in transformers {transformers.__version__}")
+    model = make_tiny(model_type, seed, **overrides)
+    spread_ssm_parameters(model, seed + 1, a_log_low=-1.5, dt_shift=-1.0)
+    return model
 
 
 def save_tiny(model_type: str, path: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
