@@ -26,6 +26,11 @@ from tinymodels import VOCAB
 
 TRANSFORMERS = ("gpt_neox", "llama")
 SSM_FAMILIES = (*MAMBA_HYBRIDS, *PURE_SSMS)
+# the other recurrences ssmdiag computes itself (issue 22): their views must be there, with numbers checked against
+# the checkpoint's own weights (READ_DECAY: how each family's per-step decay at zero input follows from them)
+READ_FAMILIES = tuple(f for f in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "kimi_linear",
+                                  "lara_mini", "qwen4_exp_text", "recurrent_gemma", "rwkv", "xlstm", "lfm2",
+                                  "lfm2_moe", "lfm3") if f in RECURRENT_FAMILIES)
 FAMILIES = (*SSM_FAMILIES, *TRANSFORMERS, *RECURRENT_FAMILIES)
 
 # the smallest flags that still exercise each command (the needle prompt is carried over 4 prefill segments)
@@ -106,7 +111,7 @@ def _crash(result) -> str | None:
     return None
 
 
-def _outcome_problem(family: str, model_type: str, result) -> str | None:
+def _outcome_problem(family: str, model_type: str, result, command: str = "") -> str | None:
     """Why this outcome breaks the contract (exit 0, or exit 1 with one Error: line naming the model type)."""
     crash = _crash(result)
     if crash:
@@ -114,6 +119,8 @@ def _outcome_problem(family: str, model_type: str, result) -> str | None:
     if result.exit_code == 0:
         return None
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    if family in READ_FAMILIES and command not in ("polarize", "polarize-train", "robust"):
+        return f"ssmdiag reads this family: it must exit 0, got {result.exit_code}: {errors or result.output[-500:]}"
     if family in SSM_FAMILIES:
         return f"a Mamba-based family must exit 0, got {result.exit_code}: {errors or result.output[-500:]}"
     if result.exit_code != 1 or len(errors) != 1:
@@ -210,12 +217,17 @@ def test_family_command(family, command, family_dirs, tmp_path):
     model_type = _model_type(path)
     args = [*COMMANDS[command][:1], str(path), *COMMANDS[command][1:], "--out", str(tmp_path / "runs"), "--json"]
     result, doc = _run(args)
-    problems = [_outcome_problem(family, model_type, result)]
+    problems = [_outcome_problem(family, model_type, result, command)]
     if problems[0] is None and result.exit_code == 0 and doc is None:
         problems = ["exit 0 without a result.json"]
     if problems[0] is None and doc is not None:
-        view = (_ssm_view_problem(command, doc, _ssm_layers(path)) if family in SSM_FAMILIES
-                else _silent_gap_problem(family, command, doc, model_type))
+        if family in SSM_FAMILIES:
+            view = _ssm_view_problem(command, doc, _ssm_layers(path))
+        elif family in READ_FAMILIES:
+            view = _read_view_problem(family, command, doc, path) or _silent_gap_problem(family, command, doc,
+                                                                                           model_type)
+        else:
+            view = _silent_gap_problem(family, command, doc, model_type)
         problems = [_unannounced_note(doc, result.stderr), view]
     problems = [p for p in problems if p is not None]
     gaps = [_known_gap(family, command, p) for p in problems]
@@ -259,3 +271,90 @@ def test_discovery_finds_the_known_recurrent_families():
     missing = {t for t in expected if t in causal} - set(RECURRENT_FAMILIES)
     assert not missing, f"transformers {transformers.__version__}: discovery missed {missing}"
     assert not set(RECURRENT_FAMILIES) & set(SSM_FAMILIES)
+
+
+# --- the families ssmdiag computes beyond Mamba (issue 22): views and numbers -----------------------------------
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _by_layer(weights: dict, suffix: str) -> dict:
+    """{block index: tensor} of the weights whose name ends with `suffix` (`layers.<i>.` / `blocks.<i>.`)."""
+    import re
+
+    return {int(m.group(1)): w for k, w in weights.items()
+            if k.endswith(suffix) and (m := re.search(r"(?:layers|blocks)\.(\d+)\.", k))}
+
+
+def _expected_decay(family: str, path: Path) -> tuple[dict, str]:
+    """{block index: the per-step decay factors at zero input}, from the checkpoint's weights alone, and the
+    suffix of the weight that marks a recurrent layer.  Short convolutions: {} (no decay)."""
+    import torch
+    import torch.nn.functional as F
+
+    w = _tensors(path)
+    config = json.loads((path / "config.json").read_text())
+    if family in ("recurrent_gemma",):
+        lam, bias = _by_layer(w, "rg_lru.recurrent_param"), _by_layer(w, "rg_lru.recurrent_gate_bias")
+        return {i: torch.exp(-8 * torch.sigmoid(bias[i].double().flatten()) * F.softplus(lam[i].double()))
+                for i in lam}, "rg_lru.recurrent_param"
+    if family == "rwkv":
+        return {i: torch.exp(-torch.exp(t.double())) for i, t in _by_layer(w, "attention.time_decay").items()}, \
+            "attention.time_decay"
+    if family == "xlstm":
+        cap = config.get("gate_soft_cap")
+        def soft(b):
+            return b if not cap else cap * torch.tanh(b / cap)
+        return {i: torch.sigmoid(soft(b.double())) for i, b in _by_layer(w, "fgate_preact.bias").items()}, \
+            "fgate_preact.bias"
+    if family.startswith("lfm"):
+        return {}, "conv.conv.weight"
+    if family == "kimi_linear":  # saved flat (self_attn.A_log), loaded into its forget_gate module
+        A, dt = _by_layer(w, "self_attn.A_log"), _by_layer(w, "self_attn.dt_bias")
+        return {i: torch.exp(-torch.exp(A[i].double()).reshape(-1, 1)
+                             * F.softplus(dt[i].double().reshape(A[i].numel(), -1))) for i in A}, "self_attn.A_log"
+    A, dt = _by_layer(w, "linear_attn.A_log"), _by_layer(w, "linear_attn.dt_bias")
+    return {i: torch.exp(-torch.exp(A[i].double()) * F.softplus(dt[i].double())) for i in A}, "linear_attn.A_log"
+
+
+def _read_view_problem(family: str, command: str, doc: dict, path: Path) -> str | None:
+    """What a family ssmdiag computes itself lacks of its view, with the numbers checked against its weights."""
+    import math
+
+    decay, marker = _expected_decay(family, path)
+    layers = sorted(_by_layer(_tensors(path), marker))
+    m = doc["metrics"]
+    if command == "info":
+        summary = m["summary"]
+        if summary.get("recurrence") is not True or "?" in summary.get("pattern", []):
+            return f"info: recurrence {summary.get('recurrence')}, pattern {summary.get('pattern')}"
+        rows = {r["layer"]: r for r in summary.get("layers_a") or []}
+        if sorted(rows) != sorted(decay):
+            return f"info: decay rows for layers {sorted(rows)}, the weights give {sorted(decay)}"
+        for i, vals in decay.items():
+            v = sorted(vals.flatten().tolist())
+            want = (v[0], v[(len(v) - 1) // 2], v[-1])
+            got = (rows[i]["abar_min"], rows[i]["abar_median"], rows[i]["abar_max"])
+            if not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12) for a, b in zip(got, want)):
+                return f"info: layer {i} decay min/median/max {got}, from the weights {want}"
+    elif command == "influence-per-layer":
+        rows = [r["layer"] for r in m["models"][0].get("per_layer") or []]
+        if rows != layers:
+            return f"influence --per-layer: rows for layers {rows}, the recurrent layers are {layers}"
+    elif command == "smooth":
+        model = m["models"][0]
+        spec = sorted(la["layer"] for la in (model.get("spectrum") or {}).get("layers", []))
+        if decay and spec != layers:
+            return f"smooth: decay spectrum for layers {spec}, the recurrent layers are {layers}"
+        if family == "rwkv":  # a static decay: the spectrum's share near 1 is the weights' own
+            for row in model["spectrum"]["layers"]:
+                share = float((decay[row["layer"]] > 0.99).double().mean())
+                if not math.isclose(row["near_one"], share, abs_tol=1e-9):
+                    return f"smooth: layer {row['layer']} share of decay > .99 {row['near_one']}, weights {share}"
+    elif command == "needle":
+        carry = m.get("carry_check") or {}
+        if carry.get("ok") is not True or carry.get("mode") not in ("carry", "hybrid"):
+            return f"needle: the state is not carried with a passing check: {carry}"
+    return None
