@@ -142,7 +142,7 @@ def test_polarize_refuses_with_the_reason(lfm_model):
 
 # --- through the CLI ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", [p for p in LFM_PARAMS if p.values[0] in ("lfm2", "lfm3")])
-def test_cli_info_influence_smooth_needle_polarize(family, tiny_root, tiny_tokenizer_dir, tmp_path):
+def test_cli_info_influence_smooth_needle_length_polarize(family, tiny_root, tiny_tokenizer_dir, tmp_path):
     from typer.testing import CliRunner
 
     from ssmdiag.cli import app
@@ -186,6 +186,9 @@ def test_cli_info_influence_smooth_needle_polarize(family, tiny_root, tiny_token
     assert n["carry_check"]["ok"] is True and n["carry_check"]["mode"] == "hybrid"
     assert n["carry_check"]["rel_error"] <= 1e-4
     assert n["reuse"]["computed_tokens"] < n["reuse"]["prompt_tokens"]
+
+    ln = run("length", "--train-len", "64", "--lengths", "64,128", "--samples", "2")[0]["models"][0]
+    assert ln["kind"] == "shortconv" and "hard window" in ln["not_applicable"]["state_rms"]
 
     run("polarize", code=1)
     assert "no decay to polarize" in printed["polarize"]

@@ -178,8 +178,8 @@ def _accumulators(loaded, cfg: LengthConfig, train_len: int, edges: list[int]) -
 
     out = {}
     for idx, mixer, kind in find_mixers(loaded.model):
-        if kind == "delta":  # the views below read Mamba states; gated-delta-rule layers: not yet (length_summary)
-            continue
+        if kind not in ("mamba1", "zamba", "mamba2"):  # the views below read Mamba states; the gated delta rule
+            continue  # and the registered kinds (kernels/kinds.py): not here (length_summary.NO_STATE says why)
         kind = "mamba2" if kind == "mamba2" else "mamba1"
         channels = None
         if kind == "mamba1":

@@ -145,6 +145,8 @@ def _ranges(idx: list[int]) -> str:
 
 NO_STATE = {"gpt_neox": "attention keeps a KV cache that grows with length, not a fixed-size state",
             "delta": "the state views read Mamba states; gated-delta-rule states are not read here yet",
+            "shortconv": "a short convolution keeps only its last L − 1 inputs (a hard window): no state that grows "
+                         "or decays with length",
             "other": "ssmdiag has no recurrence view of this family"}
 
 
