@@ -57,6 +57,14 @@ def test_doubling_scan_equals_the_loop(length):
     torch.testing.assert_close(rglru_scan(a, v, h0, return_states="last")[1], ref[:, -1])
 
 
+def test_strong_decays_stay_exact_in_float32():
+    """Decay products that would be subnormal (under 1e-38) are zeroed; the result still equals the loop."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(1, 300, 8, generator=g) ** 4  # mean log a = −4: products reach 1e-38 within ~22 steps
+    v = torch.randn(1, 300, 8, generator=g)
+    torch.testing.assert_close(rglru_scan(a, v), rglru_scan_ref(a, v), rtol=1e-5, atol=1e-6)
+
+
 def test_scan_known_answer():
     """a = 1/2 everywhere, v = 1 at t = 0 only: h_t = 2^−t; from h0 = 4: h_t = 2^−t + 4·2^−(t+1)."""
     a = torch.full((1, 6, 1), 0.5, dtype=torch.float64)
