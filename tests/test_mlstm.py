@@ -275,3 +275,49 @@ def test_recorded_layer_rows_reproduce_the_cell(xlstm):
     f = r.log_f.exp()
     torch.testing.assert_close(r.abar_min, f.amin(dim=(0, 1)))
     assert 0 < float(r.abar_min.min()) <= float(r.abar_max.max()) <= 1
+
+
+def test_fused_projections_match_transformers():
+    """weight_mode "fused" (qkv_opreact, ifgate_preact: ĩ first, f̃ second).  transformers cannot build it from a
+    config (its _init_weights slices the fused gate bias with mismatched shapes and indexes proj_up_gate_z's absent
+    bias), so the gate-named linears keep PyTorch's default init here and the gates are randomised after."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.xlstm import modeling_xlstm
+
+    from ssmdiag.adapters import get_adapter
+    from ssmdiag.metrics.summary import summarize_model
+    from tinyfamilies import make_tiny_config
+
+    cfg = make_tiny_config("xlstm")
+    cfg.weight_mode = "fused"
+    orig = modeling_xlstm.xLSTMPreTrainedModel._init_weights
+
+    def init(self, module):
+        if not (isinstance(module, torch.nn.Linear) and "gate" in self._module_name_map(module)):
+            orig(self, module)
+
+    torch.manual_seed(0)
+    modeling_xlstm.xLSTMPreTrainedModel._init_weights = init
+    try:
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    finally:
+        modeling_xlstm.xLSTMPreTrainedModel._init_weights = orig
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in (m for _, m, _ in mx.find_mixers(model)):
+            layer.ifgate_preact.weight.copy_(torch.randn(layer.ifgate_preact.weight.shape, generator=g) * 0.3)
+            layer.ifgate_preact.bias.copy_(torch.cat([torch.rand(4, generator=g) * 7 - 4,
+                                                      torch.rand(4, generator=g) * 8 - 2]))
+    ids = torch.randint(3, 384, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        mx.install(model, "auto")
+        try:
+            got = model(ids).logits
+        finally:
+            mx.uninstall(model)
+    assert _rel(got, ref) < 1e-5
+    layer = mx.find_mixers(model)[0][1]
+    f = torch.sigmoid(15 * torch.tanh(layer.ifgate_preact.bias.detach().double()[4:] / 15))
+    la = summarize_model(get_adapter(model)).layers_a[0]
+    assert (la.abar_min, la.abar_max) == pytest.approx((float(f.min()), float(f.max())), rel=1e-12)
