@@ -94,7 +94,8 @@ def test_per_layer_rows_are_the_recorded_cells_rows(xlstm):
 
 def test_a_forward_transformers_runs_in_pieces_is_recorded_whole(xlstm):
     """Past max_inference_chunksize (64 here) transformers feeds the layer pieces through its cache: the record joins
-    them, so rows over 100 tokens equal those of one 100-token piece (to transformers' bfloat16 state between pieces)."""
+    them, so rows over 100 tokens equal those of one 100-token piece (up to transformers' bfloat16 state between the
+    pieces)."""
     from ssmdiag.metrics.mlstm_influence import mlstm_layer_rows
 
     ids = torch.randint(3, 384, (1, 100), generator=torch.Generator().manual_seed(11))

@@ -107,7 +107,8 @@ def _store(rec: Recorder, layer: int, backend: str, q, k, v, i_pre, log_f, scan,
     if rec.params:
         entry.q, entry.k, entry.v, entry.i_pre, entry.log_f = (keep(t) for t in (q, k, v, i_pre, log_f))
         entry.m, entry.denom = keep(scan.m), keep(scan.denom)
-        fresh = initial is None or not any(bool(t.any()) for t in (initial.C, initial.n, initial.m))  # zeros: no history
+        # a zero state (transformers' fresh cache) is no history
+        fresh = initial is None or not any(bool(t.any()) for t in (initial.C, initial.n, initial.m))
         entry.initial = None if fresh else MLSTMState(*(keep(t) for t in (initial.C, initial.n, initial.m)))
     if rec.states is not None:
         entry.states = keep(scan.last.C if isinstance(rec.states, str) and rec.states == "last" else scan.states)
