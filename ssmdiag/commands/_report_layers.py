@@ -10,6 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from .. import console
+from ._report_sizes import size_rows
 from ._report_window import window_tables
 
 f = console.fmt
@@ -49,12 +50,13 @@ def info_tables(title: str, summary: Any, doc: dict[str, Any]) -> list[Table]:
             ("layers", summary.layers), ("layer pattern", compact_pattern(summary.pattern) or "—"),
             ("pattern counts", ", ".join(f"{k} {n}" for k, n in counts.items()) or "—"),
             ("SSM recurrence seen", recurrence_text(summary)), ("hidden size", summary.hidden_size),
-            *_size_rows(summary), ("vocab", summary.vocab_size),
+            *size_rows(summary), ("vocab", summary.vocab_size),
             ("dtype", doc["dtype"]), ("device", doc["device"]), ("scan backend", doc["backend"]),
             ("tokenizer", doc["tokenizer"] or "none")]
     tables = [console.table(title, ["property", "value"], rows)]
     delta = summary.ssm_kind == "delta"
-    own = {"rglru": ("a", "the decay a per RG-LRU"), "mlstm": ("f", "the forget gate f per mLSTM")}
+    own = {"rglru": ("a", "the decay a per RG-LRU"), "mlstm": ("f", "the forget gate f per mLSTM"),
+           "rwkv": ("e^w", "the static decay e^w per RWKV time mix")}
     if summary.layers_a and summary.ssm_kind in own:  # the decay itself (a, f) at zero input, its log in the A columns
         sym, what = own[summary.ssm_kind]
         tables.append(console.table(
@@ -71,23 +73,6 @@ def info_tables(title: str, summary: Any, doc: dict[str, Any]) -> list[Table]:
             [(la.layer, f(la.a_min), f(la.a_median), f(la.a_max), f(la.abar_min), f(la.abar_median), f(la.abar_max))
              for la in summary.layers_a]))
     return tables + window_tables(summary)  # no decay (short conv): the hard window per layer
-
-
-def _size_rows(summary: Any) -> list[tuple[str, Any]]:
-    """The SSM sizes by name (result.json keeps Mamba's keys; a delta rule: d_inner = h·p, d_state = n, groups = hk)."""
-    if summary.ssm_kind == "shortconv":  # result.json: d_inner = d, d_state = L − 1
-        return [("conv channels d", summary.d_inner), ("state per channel: last L − 1 inputs", summary.d_state)]
-    if summary.ssm_kind == "rglru":  # result.json: d_inner = d, d_state = 1, heads / head_dim = the gate blocks
-        return [("channels d (lru_width)", summary.d_inner), ("state per channel", summary.d_state),
-                ("gate blocks (block-diagonal)", summary.heads), ("channels per gate block", summary.head_dim)]
-    if summary.ssm_kind == "mlstm":  # result.json: d_inner = h·p, d_state = n (q/k head dim)
-        return [("heads h", summary.heads), ("q/k head dim n", summary.d_state), ("value head dim p", summary.head_dim),
-                ("value width h·p", summary.d_inner)]
-    if summary.ssm_kind == "delta":
-        return [("value heads h", summary.heads), ("key heads", summary.groups), ("key dim n", summary.d_state),
-                ("value dim p", summary.head_dim), ("value width h·p", summary.d_inner)]
-    return [("d_inner", summary.d_inner), ("d_state", summary.d_state), ("heads (Mamba-2)", summary.heads),
-            ("head dim", summary.head_dim), ("groups (B, C)", summary.groups)]
 
 
 KIND_WORDS = {"M": "SSM", "A": "attention", "P": "attn ∥ SSM", "S": "shared attn + SSM", "G": "delta rule (head)",
