@@ -217,7 +217,7 @@ def _scan_transient(s: ModelShape, l: int, engine: str, backward: bool) -> float
     if s.ssm_kind is None:
         return FWD_K * l * s.hidden * 4
     if ed.is_delta(s):  # one engine: the chunked torch form
-        return ed.delta_bytes(s, ed.DELTA_BWD if backward else ed.DELTA_FWD, l)
+        return ed.delta_bytes(s, ed.DELTA_BWD if backward else ed.DELTA_FWD, l, block=True)
     if engine == "torch:chunked" and s.ssm_kind == "mamba1":
         return (T_M1 if backward else T_M1 / 2) * l * s.d_inner * s.d_state * 4
     if engine == "torch:chunked":

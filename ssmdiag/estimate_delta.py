@@ -6,15 +6,17 @@ kernels/delta_rule.py's `gated_delta_rule`:
 
     kept for the backward     DELTA_KEEP: 5.0·q·m + 10.5·n + 3.5·p     autograd's saved tensors, counted exactly
     backward transient        DELTA_BWD:  3.2·q·m + 3.3·(n + p)        above the kept; CPU peak RSS
-    no-grad forward           DELTA_FWD:  5.0·q·m + 5.1·(n + p)        CPU peak RSS: every chunk's decay at once
+    no-grad forward           DELTA_FWD:  5.0·q·m + 5.1·(n + p)        CPU peak RSS
 
-and around the kernel (projections, conv, gated norm) estimate.KEEP["delta" | "delta_channel"] floats per token
+(in the transients the q·m term is one block of chunks' decays at most, as the kernel builds BLOCK_BYTES of them at
+a time: its bytes are min(l·h·q·m·4, BLOCK_BYTES) times the coefficient), and around the kernel (projections, conv, gated norm) estimate.KEEP["delta" | "delta_channel"] floats per token
 and value channel (h·p).  The measurements: docs/performance.md, "Gated delta rule".
 """
 
 from __future__ import annotations
 
 CHUNK = 64  # kernels.delta_mixer.CHUNK (the cost model imports no kernels)
+BLOCK_BYTES = 64 * 2**20  # kernels.delta_rule.BLOCK_BYTES
 DELTA_KEEP = (5.0, 10.5, 3.5)
 DELTA_BWD = (3.2, 3.3)
 DELTA_FWD = (5.0, 5.1)
@@ -30,14 +32,17 @@ def shape_kind(adapter, mixer) -> str:
     return "delta_channel" if hasattr(mixer, "forget_gate") else "delta"
 
 
-def delta_bytes(s, coef: tuple, l: int) -> float:
+def delta_bytes(s, coef: tuple, l: int, block: bool = False) -> float:
     """One delta layer's kernel term in bytes: l·h·4·(c0·q·m + c1·n + c2·p); two coefficients: c1·(n + p).
 
     Args:
         s: the ModelShape (d_inner = h·p, d_state = n, heads = h, chunk = q).  coef: DELTA_*.  l: tokens.
+        block: a transient: the q·m term is at most BLOCK_BYTES (one block of chunks).
     """
     p, qm = s.d_inner // max(s.heads, 1), max(1, min(s.chunk, l)) * (s.d_state if s.ssm_kind == "delta_channel" else 1)
-    return l * s.heads * 4 * (coef[0] * qm + coef[1] * s.d_state + coef[-1] * p)
+    decays = l * s.heads * 4 * qm
+    return coef[0] * (min(decays, BLOCK_BYTES) if block else decays) + l * s.heads * 4 * (
+        coef[1] * s.d_state + coef[-1] * p)
 
 
 def delta_scan_flops(s, l: int) -> float:

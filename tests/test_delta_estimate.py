@@ -85,3 +85,21 @@ def test_dry_run_on_a_delta_checkpoint_names_the_chunked_engine(tiny_root, tiny_
     m = json.loads(next(tmp_path.rglob("result.json")).read_text())["estimate"]["models"][0]
     assert m["backend"] == "torch:chunked" and m["inputs"]["shape"]["ssm_kind"] == "delta"
     assert m["inputs"]["shape"]["d_inner"] == 32 and m["peak_bytes"] > 0
+
+
+def test_constants_mirror_the_kernel():
+    from ssmdiag.kernels import delta_mixer, delta_rule
+
+    assert ed.CHUNK == delta_mixer.CHUNK and ed.BLOCK_BYTES == delta_rule.BLOCK_BYTES
+
+
+def test_a_long_per_channel_forward_holds_one_block_of_decays():
+    """Kimi-Linear-sized (32 heads of 128, α per key channel) at 16k tokens: the no-grad transient is the per-token
+    part plus 5 blocks, not 5·q·n floats per token and head (~86 GB)."""
+    from types import SimpleNamespace
+
+    s = SimpleNamespace(d_inner=32 * 128, heads=32, d_state=128, chunk=ed.CHUNK, ssm_kind="delta_channel")
+    l = 16384
+    got = ed.delta_bytes(s, ed.DELTA_FWD, l, block=True)
+    assert got == pytest.approx(ed.DELTA_FWD[0] * ed.BLOCK_BYTES + ed.DELTA_FWD[1] * 256 * l * 32 * 4)
+    assert ed.delta_bytes(s, ed.DELTA_FWD, l) > 80e9 > 20 * got

@@ -46,6 +46,29 @@ def test_chunked_equals_ref(per_channel, chunk, states):
 
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per-head", "per-channel"])
+def test_chunks_built_in_blocks_equal_one_block(per_channel, monkeypatch):
+    """A block of one or two chunks at a time (the memory bound without gradients) gives the same outputs, states
+    and gradients as every chunk at once."""
+    from ssmdiag.kernels import delta_rule as dr
+
+    q, k, v, g, beta, S0 = _inputs(per_channel, L=37)
+    v.requires_grad_(True)
+    want = torch.tensor([3, -1, 0, 17, 30])
+
+    def run():
+        o, st = gated_delta_rule(q, k, v, g, beta, initial_state=S0, return_states=want, chunk_size=5)
+        (grad,) = torch.autograd.grad(o.pow(2).sum() + st.pow(2).sum(), v)
+        return o, st, grad
+
+    whole = run()
+    per_chunk = 2 * 4 * 5 * 5 * (8 if per_channel else 1) * 8  # b·h·q·q·m float64 bytes
+    for blocks in (1, 2):
+        monkeypatch.setattr(dr, "BLOCK_BYTES", blocks * per_chunk)
+        for got, ref in zip(run(), whole):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-head", "per-channel"])
 def test_chunked_float32_and_gradients_equal_ref(per_channel):
     args = [t.float().requires_grad_() for t in _inputs(per_channel, L=40)]
     q, k, v, g, beta, S0 = args

@@ -126,13 +126,40 @@ def _pair_weights(a, b, decay):
     return torch.einsum("...tn,...sn,...tsn->...ts", a, b, decay)
 
 
+BLOCK_BYTES = 64 * 2**20  # chunks whose decay tensors (b, h, c, q, q, m) take at most this many bytes are built at once
+
+
+def _chunk_terms(qc, kc, vc, a, bc):
+    """Steps 1-2 of the module docstring for a block of chunks: qc, kc (b, h, c, q, n), vc (b, h, c, q, p),
+    a (b, h, c, m, q) log-decays, bc (b, h, c, q, 1).  Returns wv, wk (the solve), P, q_start, k_end, end_decay,
+    decay (b, h, c, q, q, m) and cum (b, h, c, q, m)."""
+    q, p, n = qc.shape[-2], vc.shape[-1], kc.shape[-1]
+    seg = _segsum(a).movedim(-3, -1)                                    # (b, h, c, q, q, m): Σ_{s<j≤t} g_j
+    decay = seg.exp()                                                   # 0 above the diagonal
+    cum = seg[..., :, 0, :] + a[..., :1].movedim(-2, -1)                # (b, h, c, q, m): Γ_t, inclusive
+    strict = torch.ones(q, q, dtype=torch.bool, device=qc.device).tril(-1)
+    # 1. the corrections' linear system, both right-hand sides at once
+    A = _pair_weights(kc * bc, kc, decay) * strict
+    eye = torch.eye(q, dtype=A.dtype, device=A.device)
+    rhs = torch.cat([vc * bc, kc * bc * cum.exp()], dim=-1)            # (b, h, c, q, p + n)
+    wv, wk = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([p, n], dim=-1)
+    # 2. intra-chunk read weights and the start state's read
+    P = _pair_weights(qc, kc, decay)                                    # (b, h, c, q, q), lower incl. diagonal
+    q_start = qc * cum.exp()                                            # (b, h, c, q, n)
+    k_end = kc * decay[..., -1, :, :]                                   # (b, h, c, q, n): k_s ⊙ exp(Γ_q − Γ_s)
+    end_decay = cum[..., -1, :].exp()[..., None]                        # (b, h, c, m, 1)
+    return wv, wk, P, q_start, k_end, end_decay, decay, cum
+
+
 def _chunked(qh, kh, vh, gh, bh, S, chunk_size, stored):
     """The chunked recurrence on head-first tensors (see the module docstring); S (b, h, n, p) the start state.
 
+    The chunks' terms are built a block of chunks at a time (BLOCK_BYTES of decay per block), so a forward without
+    gradients holds one block's (b, h, q, q, m) decays, not the whole sequence's (q·n floats per token and head
+    with a per-key-channel α).
     Returns o (b, h, l, p), the final state, and the states at the sorted positions `stored` (or None).
     """
     bsz, heads, length, n = kh.shape
-    p = vh.shape[-1]
     q = max(1, min(int(chunk_size), length))
     pad = (-length) % q
     if pad:  # padded steps: α = 1, β = 0, k = v = q = 0, so the state after them equals the last real one
@@ -141,33 +168,24 @@ def _chunked(qh, kh, vh, gh, bh, S, chunk_size, stored):
     nc = qh.shape[2] // q
     qc, kc, vc = (x.reshape(bsz, heads, nc, q, x.shape[-1]) for x in (qh, kh, vh))
     a = gh.reshape(bsz, heads, nc, q, -1).movedim(-1, -2)               # (b, h, c, m, q)
-    seg = _segsum(a).movedim(-3, -1)                                    # (b, h, c, q, q, m): Σ_{s<j≤t} g_j
-    decay = seg.exp()                                                   # 0 above the diagonal
-    cum = seg[..., :, 0, :] + a[..., :1].movedim(-2, -1)                # (b, h, c, q, m): Γ_t, inclusive
     bc = bh.reshape(bsz, heads, nc, q, 1)
-    strict = torch.ones(q, q, dtype=torch.bool, device=qh.device).tril(-1)
-    # 1. the corrections' linear system, both right-hand sides at once
-    A = _pair_weights(kc * bc, kc, decay) * strict
-    eye = torch.eye(q, dtype=A.dtype, device=A.device)
-    rhs = torch.cat([vc * bc, kc * bc * cum.exp()], dim=-1)            # (b, h, c, q, p + n)
-    sol = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)
-    wv, wk = sol.split([p, n], dim=-1)
-    # 2. intra-chunk read weights and the start state's read
-    P = _pair_weights(qc, kc, decay)                                    # (b, h, c, q, q), lower incl. diagonal
-    q_start = qc * cum.exp()                                            # (b, h, c, q, n)
-    k_end = kc * decay[..., -1, :, :]                                   # (b, h, c, q, n): k_s ⊙ exp(Γ_q − Γ_s)
-    end_decay = cum[..., -1, :].exp()[..., None]                        # (b, h, c, m, 1)
+    per_chunk = bsz * heads * q * q * a.shape[-2] * qh.element_size()
+    block = max(1, min(nc, BLOCK_BYTES // max(per_chunk, 1)))
     outs, kept = [], []
     stored_chunks = None if stored is None else stored // q
-    for i in range(nc):
-        u = wv[:, :, i] - wk[:, :, i] @ S                               # (b, h, q, p)
-        outs.append(q_start[:, :, i] @ S + P[:, :, i] @ u)
-        if stored is not None and bool((stored_chunks == i).any()):
-            rows = stored[stored_chunks == i] - i * q
-            inner = torch.einsum("bhtsm,bhsn,bhsp->bhtnp", decay[:, :, i, rows], kc[:, :, i], u) if \
-                decay.shape[-1] == 1 else torch.einsum("bhtsn,bhsn,bhsp->bhtnp", decay[:, :, i, rows], kc[:, :, i], u)
-            kept.append(inner + cum[:, :, i, rows].exp()[..., None] * S[:, :, None])
-        S = end_decay[:, :, i] * S + k_end[:, :, i].transpose(-1, -2) @ u
+    for c0 in range(0, nc, block):
+        cs = slice(c0, min(nc, c0 + block))
+        wv, wk, P, q_start, k_end, end_decay, decay, cum = _chunk_terms(qc[:, :, cs], kc[:, :, cs], vc[:, :, cs],
+                                                                        a[:, :, cs], bc[:, :, cs])
+        for j, i in enumerate(range(cs.start, cs.stop)):
+            u = wv[:, :, j] - wk[:, :, j] @ S                           # (b, h, q, p)
+            outs.append(q_start[:, :, j] @ S + P[:, :, j] @ u)
+            if stored is not None and bool((stored_chunks == i).any()):
+                rows = stored[stored_chunks == i] - i * q
+                spec = "bhtsm,bhsn,bhsp->bhtnp" if decay.shape[-1] == 1 else "bhtsn,bhsn,bhsp->bhtnp"
+                inner = torch.einsum(spec, decay[:, :, j, rows], kc[:, :, i], u)
+                kept.append(inner + cum[:, :, j, rows].exp()[..., None] * S[:, :, None])
+            S = end_decay[:, :, j] * S + k_end[:, :, j].transpose(-1, -2) @ u
     o = torch.cat(outs, dim=2)[:, :, :length]                           # (b, h, l, p)
     states = None if stored is None else torch.cat(kept, dim=2).transpose(1, 2)   # (b, k, h, n, p)
     return o, S, states
