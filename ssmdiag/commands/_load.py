@@ -15,4 +15,6 @@ def load_models(specs: list[str], opts: LoadOptions, meta: bool = False) -> list
                 spec, init=opts.init, dtype=opts.dtype, device=opts.device, device_map=opts.device_map,
                 tokenizer=opts.tokenizer, seed=opts.seed, trust_remote_code=opts.trust_remote_code, meta=meta,
                 backend=opts.backend))
+        for message in loaded[-1].notes:  # what loading changed for ssmdiag's path (e.g. xLSTM's inference pieces)
+            console.log(message)
     return loaded
