@@ -8,7 +8,7 @@ import torch
 
 from ssmdiag.kernels import mixer as mx
 from ssmdiag.kernels.rwkv import RwkvRecord
-from ssmdiag.kernels.wkv import fresh_state, wkv, wkv_ref
+from ssmdiag.kernels.wkv import fresh_state, resolve_path, wkv, wkv_chunked, wkv_ref
 from tinyfamilies import RECURRENT_FAMILIES, make_tiny
 
 pytestmark = pytest.mark.skipif("rwkv" not in RECURRENT_FAMILIES, reason="no RWKV in this transformers")
@@ -77,25 +77,26 @@ def test_wkv_ref_is_transformers_loop_and_the_closed_form():
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
 def test_wkv_chunked_equals_the_loop(chunk):
     td, tf, k, v = _wkv_inputs()
-    torch.testing.assert_close(wkv(td, tf, k, v, chunk=chunk), wkv_ref(td, tf, k, v), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wkv_chunked(td, tf, k, v, chunk=chunk), wkv_ref(td, tf, k, v), rtol=1e-5, atol=1e-6)
     td, tf, k, v = (t.double() for t in (td, tf, k, v))  # float64: the states to rounding
     ref, ref_states = wkv_ref(td, tf, k, v, return_states="all")
-    out, states = wkv(td, tf, k, v, return_states="all", chunk=chunk)
+    out, states = wkv_chunked(td, tf, k, v, return_states="all", chunk=chunk)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     true = lambda s: s[..., :2] * s[..., 2:].exp()  # noqa: E731  (the sums a, b themselves)
     torch.testing.assert_close(true(states), true(ref_states), rtol=1e-12, atol=1e-12)
     pos = torch.tensor([3, -1, 20])
-    _, picked = wkv(td, tf, k, v, return_states=pos, chunk=chunk)
+    _, picked = wkv_chunked(td, tf, k, v, return_states=pos, chunk=chunk)
     torch.testing.assert_close(picked, states[:, [3, 40, 20]])
 
 
+@pytest.mark.parametrize("backend", ["ref", "torch"])
 @pytest.mark.parametrize("split", [1, 5, 7, 16])
-def test_wkv_segments_with_state_equal_one_shot(split):
+def test_wkv_segments_with_state_equal_one_shot(split, backend):
     td, tf, k, v = _wkv_inputs(dtype=torch.float64)
-    whole = wkv(td, tf, k, v)
+    whole = wkv_ref(td, tf, k, v)
     state, outs = None, []
     for a in range(0, k.shape[1], split):
-        o, state = wkv(td, tf, k[:, a:a + split], v[:, a:a + split], state, "last", chunk=4)
+        o, state = wkv(td, tf, k[:, a:a + split], v[:, a:a + split], state, "last", backend)
         outs.append(o)
     torch.testing.assert_close(torch.cat(outs, 1), whole, rtol=1e-12, atol=1e-12)
     assert torch.equal(fresh_state(2, 6, torch.float64, "cpu")[..., 2], torch.full((2, 6), -1e38, dtype=torch.float64))
@@ -104,7 +105,7 @@ def test_wkv_segments_with_state_equal_one_shot(split):
 def test_wkv_chunked_gradients_equal_the_loop():
     inputs = [t.double().requires_grad_() for t in _wkv_inputs(l=23)]
     weights = torch.randn(2, 23, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ga = torch.autograd.grad((wkv(*inputs, chunk=6) * weights).sum(), inputs)
+    ga = torch.autograd.grad((wkv_chunked(*inputs, chunk=6) * weights).sum(), inputs)
     gb = torch.autograd.grad((wkv_ref(*inputs) * weights).sum(), inputs)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
@@ -117,7 +118,7 @@ def test_wkv_survives_an_overflowing_decay():
     td, tf, k, v = _wkv_inputs()
     td[0] = 100.0
     ref, _ = rwkv_linear_attention_cpu(td, tf, k, v)
-    out = wkv(td, tf, k, v, chunk=8)
+    out = wkv_chunked(td, tf, k, v, chunk=8)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -219,11 +220,13 @@ def test_segments_of_any_size_equal_one_shot(model, split):
 
 
 def test_the_ref_backend_equals_the_chunked_one(model):
+    """auto is the loop on CPU, chunked on CUDA; "torch" forces the chunked form (wkv.py's docstring says why)."""
+    assert resolve_path("auto", "cpu") == "ref" and resolve_path("auto", "cuda") == resolve_path("torch", "cpu")
     ids = _ids(40, 4)
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
         outs = []
-        for backend in ("ref", "auto"):
+        for backend in ("ref", "torch"):
             mx.install(model, backend)
             try:
                 outs.append(model(ids, use_cache=False).logits)

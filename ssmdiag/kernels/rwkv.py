@@ -28,7 +28,7 @@ import torch
 from .kinds import KernelKind, register
 from .mixers import Recorder, _split_states, _states_request
 from .ref import compute_dtype
-from .wkv import wkv
+from .wkv import resolve_path, wkv
 
 TIME_MIX, CHANNEL_MIX = "RwkvSelfAttention", "RwkvFeedForward"
 
@@ -108,7 +108,7 @@ def rwkv_time_mix(module, hidden, state: RwkvState | None = None, mask=None, bac
     Args:
         module: an RwkvSelfAttention, duck-typed.  hidden: (b, l, e), the ln1-normed block input.
         state: the layer's RwkvState after the previous tokens, or None.  mask: unused (RWKV has no padding mask).
-        backend: wkv's ("ref": the loop).  rec: a Recorder to fill, or None.
+        backend: wkv's ("auto": the loop on CPU, chunked on CUDA; "ref": the loop).  rec: a Recorder, or None.
         hf_state: transformers' five-tensor state, read and written in place when `state` is None.
     Returns: (output (b, l, e), the new RwkvState or None when not want_state).
     """
@@ -125,13 +125,13 @@ def rwkv_time_mix(module, hidden, state: RwkvState | None = None, mask=None, bac
     ct = compute_dtype(v)
     need_last = want_state or hf_state is not None
     request, how = _states_request(rec.states if rec is not None else None, need_last)
-    res = wkv(module.time_decay, module.time_first, k.to(ct), v.to(ct), carried, request,
-              "ref" if backend == "ref" else "auto")
+    path = resolve_path(backend, v.device)
+    res = wkv(module.time_decay, module.time_first, k.to(ct), v.to(ct), carried, request, path)
     out, states = (res, None) if request is None else res
     recorded, last = _split_states(states, how)
     if rec is not None:
         # w and u in float64 from the parameters: the rows read the layer's exact decay, not its rounding
-        _store(rec, layer, "ref" if backend == "ref" else "torch", k, v, -module.time_decay.double().exp(),
+        _store(rec, layer, path, k, v, -module.time_decay.double().exp(),
                module.time_first.double(), out, recorded)
     if hf_state is not None:
         hf_state[1][:, :, hf_layer] = x[:, -1]
