@@ -104,8 +104,9 @@ def test_window_bound_flags_a_row_past_the_window():
 
     rows = np.zeros((2, 1, 10))
     rows[:, 0, 7:] = 1.0
+    rows[:, 0, 8] = 3.0  # one back
     ok = window_bound(0, 3, rows, [9])
-    assert ok.rows_within and ok.beyond_max == 0.0 and "ok" in ok.cell
+    assert ok.rows_within and ok.beyond_max == 0.0 and "ok" in ok.cell and ok.lag_mean == [1.0, 3.0, 1.0]
     rows[1, 0, 6] = 1e-12
     bad = window_bound(0, 3, rows, [9])
     assert not bad.rows_within and bad.beyond_max == 1e-12 and "VIOLATED" in bad.cell
@@ -174,6 +175,7 @@ def test_cli_info_influence_smooth_needle_length_polarize(family, tiny_root, tin
         assert r["shape"] == "window" and r["decay_rate"] is None and r["exponent"] is None
         b = r["bound"]
         assert b["window"] == window and b["rows_within"] is True and b["beyond_max"] == 0.0
+        assert len(b["lag_mean"]) == window and all(v > 0 for v in b["lag_mean"])
     assert "bound (window)" in printed["influence"] and f"0 at ≥ {window} back ok" in printed["influence"]
 
     sm, notes = run("smooth", "--seq-len", "16", "--samples", "2")

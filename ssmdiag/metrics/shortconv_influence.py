@@ -17,7 +17,7 @@ Dimension letters (docs/architecture.md): b batch, l time, d channels, T targets
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -91,6 +91,8 @@ class WindowBound:
         window: L.  rows_within: every measured row entry at distance ≥ L is exactly 0.
         beyond_max: the largest measured row entry at distance ≥ L (0.0 when rows_within).
         note: what the bound is, in words.
+        lag_mean: inside the window, the mean row entry at each distance 0 … L − 1 (over samples and the targets
+            that reach it): how the layer spreads a token's influence over its window.
     """
 
     layer: int
@@ -98,6 +100,7 @@ class WindowBound:
     rows_within: bool
     beyond_max: float
     note: str
+    lag_mean: list[float] = field(default_factory=list)
     head: str = "bound (window)"  # the per-layer table's column header
     shape: str = "window"  # the layer's shape in place of a fitted one
     fit_applies: bool = False  # no decay: influence.py leaves the layer's rate and exponent empty (NaN / None)
@@ -115,11 +118,16 @@ WINDOW_NOTE = ("no decay, no exponential bound: a hard window of L tokens; influ
 def window_bound(layer: int, window: int, rows: np.ndarray, targets) -> WindowBound:
     """Check one layer's rows (samples, T, l) against its window: every entry with t − s ≥ L must be 0."""
     worst = 0.0
+    by_lag: list[list[float]] = [[] for _ in range(window)]
     for j, t in enumerate(targets):
         far = rows[:, j, : max(0, t - window + 1)]
         if far.size:
             worst = max(worst, float(np.abs(far).max()))
-    return WindowBound(layer=layer, window=window, rows_within=worst == 0.0, beyond_max=worst, note=WINDOW_NOTE)
+        for lag in range(min(window, t + 1)):
+            by_lag[lag].extend(rows[:, j, t - lag].tolist())
+    lag_mean = [float(np.mean(v)) if v else float("nan") for v in by_lag]
+    return WindowBound(layer=layer, window=window, rows_within=worst == 0.0, beyond_max=worst, note=WINDOW_NOTE,
+                       lag_mean=lag_mean)
 
 
 def measure_window_bounds(model, adapter, ids, targets, layers: list[int], layer_rows) -> dict[int, WindowBound]:
