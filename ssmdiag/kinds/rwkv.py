@@ -52,7 +52,7 @@ POLARIZE = ("polarize does not support RWKV time mixes: with the normalised outp
 register(RecurrentKind(
     kind="rwkv", letter="W", meaning="RWKV time mix: a static decay per channel, normalised output",
     families=("rwkv",), pure=("rwkv",), classes=("RwkvSelfAttention",), sizes=_sizes, decay=_decay,
-    decay_rule=("w = exp(−exp(time_decay)) per channel: static, exact at every token (no input enters it); the output "
-                "is normalised (a ratio), so w sets past tokens' weights relative to each other and to the current "
-                "token's bonus, not an absolute forgetting"),
+    decay_rule=("e^w = exp(−exp(time_decay)) per channel: static, exact at every token (no input enters it); the "
+                "output is normalised (a ratio), so e^w sets past tokens' weights relative to each other and to the "
+                "current token's bonus, not an absolute forgetting"),
     decay_unit="channel", norm_paths=("ln1",), final_norms=("ln_out",), polarize=POLARIZE))
