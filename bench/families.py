@@ -7,6 +7,8 @@ reference.  Timed in one run, in this process, best of --reps after one warm-up 
     end-to-end   the model-agnostic gradient influence of one sample (metrics.influence.compute_influence)
     per-layer    the closed-form rows of every recurrent layer (hidden_attention.per_layer_rows), 8 targets
 Printed as ratios to the Mamba-2 of the same width; absolute seconds only for the Mamba-2 row (this machine, this run).
+Also per family: ssmdiag's path vs transformers' own forward (max |Δ logit| / max |logit| on the timed sequence, fp32)
+and the needle carry check (segments of 16 and a rollback vs one shot on 48 tokens; the mode says how state is carried).
 
     python bench/families.py                       # T = 512, width 256
     python bench/families.py --seq-len 128 --families qwen3_5_text,rwkv --reps 1
@@ -87,7 +89,23 @@ def _measure(family: str, width: int, seq_len: int, reps: int, blocks: int | Non
                                           grad_dtype="float32"), reps)
     layers = loaded.adapter.ssm_layers() if loaded.adapter.is_ssm else []
     rows = _time(lambda: per_layer_rows(loaded.model, loaded.adapter, ids, targets), reps) if layers else None
-    return n_blocks, "".join(loaded.adapter.layer_pattern()), len(layers), e2e, rows
+    return n_blocks, "".join(loaded.adapter.layer_pattern()), len(layers), e2e, rows, _parity(loaded, ids)
+
+
+def _parity(loaded, ids: torch.Tensor) -> tuple[float, str]:
+    """(max relative logit error of ssmdiag's path vs transformers' own forward on ids, the carry check's verdict)."""
+    from ssmdiag.kernels import mixer as mx
+    from ssmdiag.metrics.prefill import check_state_carry
+
+    with torch.no_grad():
+        ours = loaded.model(input_ids=ids, use_cache=False).logits
+        backend = mx.installed_backend(loaded.model)
+        mx.uninstall(loaded.model)
+        theirs = loaded.model(input_ids=ids, use_cache=False).logits
+        mx.install(loaded.model, backend or "auto")
+    err = float((ours - theirs).abs().max() / theirs.abs().max())
+    carry = check_state_carry(loaded.model, loaded.family, loaded.adapter.vocab_size, torch.float32, n=48, seg=16)
+    return err, f"{carry.rel_error:.1e} {'ok' if carry.ok else 'FAILED'} ({carry.mode})"
 
 
 def main() -> None:
@@ -96,8 +114,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--families", default=",".join(DEFAULT))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     from transformers import CONFIG_MAPPING
 
     families = [f for f in args.families.split(",") if f in CONFIG_MAPPING or f.removesuffix("_text") in CONFIG_MAPPING]
@@ -113,14 +132,15 @@ def main() -> None:
         print(f"One {args.seq_len}-token influence sample at width {args.width}, fp32, CPU "
               f"({torch.get_num_threads()} threads), best of {args.reps}; ratio = family / Mamba-2 of the same "
               "width and block count (one run).\n")
-        print("| family | blocks | pattern | recurrent layers | end-to-end vs Mamba-2 | per-layer rows vs Mamba-2 |")
-        print("|---|---|---|---|---|---|")
-        for family, (n_blocks, pattern, n_rec, e2e, rows) in results.items():
+        print("| family | blocks | pattern | recurrent layers | logits vs transformers | carry check | end-to-end vs "
+              "Mamba-2 | per-layer rows vs Mamba-2 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for family, (n_blocks, pattern, n_rec, e2e, rows, (err, carry)) in results.items():
             if n_blocks not in ref:
                 ref[n_blocks] = _measure("mamba2", args.width, args.seq_len, args.reps, n_blocks, Path(tmp))
             m2 = ref[n_blocks]
             per = f"{rows / m2[4]:.2f}x" if rows is not None else "no recurrent layer read"
-            print(f"| {family} | {n_blocks} | `{pattern}` | {n_rec} | {e2e / m2[3]:.2f}x | {per} |")
+            print(f"| {family} | {n_blocks} | `{pattern}` | {n_rec} | {err:.1e} | {carry} | {e2e / m2[3]:.2f}x | {per} |")
         for n_blocks, m2 in sorted(ref.items()):
             print(f"\nMamba-2 reference, {n_blocks} blocks: end-to-end {m2[3]:.2f} s, per-layer rows {m2[4]:.2f} s "
                   "(this machine, this run).")
