@@ -167,16 +167,17 @@ def test_renamed_ssm_config_key_is_a_clear_error(monkeypatch):
         ad.ssm_config_keys
 
 
-def test_rwkv_starts_with_block_output_and_has_an_unknown_final_norm():
-    """RWKV (a family without an adapter) returns (block 0's output, block 1's output, ln_out) in 5.24: the view that
-    used to read entry i as block i's input was one block off there; the probe aligns it."""
+def test_rwkv_starts_with_block_output_and_has_its_final_norm():
+    """RWKV returns (block 0's output, block 1's output, ln_out) in 5.24: the view that used to read entry i as block
+    i's input was one block off there; the probe aligns it.  (First-class since its time mix: kinds/rwkv.py names
+    ln_out as the final norm.)"""
     import transformers as t
 
     torch.manual_seed(0)
     model = t.AutoModelForCausalLM.from_config(t.RwkvConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2,
                                                             attention_hidden_size=32, intermediate_size=64)).eval()
     ad = get_adapter(model)
-    assert ad.family == "other" and not ad.hidden_states_has_embedding
+    assert ad.family == "rwkv" and ad.final_norm() is model.rwkv.ln_out and not ad.hidden_states_has_embedding
     with torch.no_grad():
         hidden = model(input_ids=IDS, output_hidden_states=True).hidden_states
         streams = ad.block_streams(hidden, IDS)
