@@ -220,8 +220,10 @@ def test_segments_of_any_size_equal_one_shot(model, split):
 
 
 def test_the_ref_backend_equals_the_chunked_one(model):
-    """auto is the loop on CPU, chunked on CUDA; "torch" forces the chunked form (wkv.py's docstring says why)."""
+    """auto is the loop on CPU without gradients, chunked with them or on CUDA; "torch" forces the chunked form
+    (wkv.py's docstring says why)."""
     assert resolve_path("auto", "cpu") == "ref" and resolve_path("auto", "cuda") == resolve_path("torch", "cpu")
+    assert resolve_path("auto", "cpu", grad=True) == "torch"
     ids = _ids(40, 4)
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits

@@ -28,7 +28,7 @@ import torch
 from .kinds import KernelKind, register
 from .mixers import Recorder, _split_states, _states_request
 from .ref import compute_dtype
-from .wkv import resolve_path, wkv
+from .wkv import needs_grad, resolve_path, wkv
 
 TIME_MIX, CHANNEL_MIX = "RwkvSelfAttention", "RwkvFeedForward"
 
@@ -108,7 +108,8 @@ def rwkv_time_mix(module, hidden, state: RwkvState | None = None, mask=None, bac
     Args:
         module: an RwkvSelfAttention, duck-typed.  hidden: (b, l, e), the ln1-normed block input.
         state: the layer's RwkvState after the previous tokens, or None.  mask: unused (RWKV has no padding mask).
-        backend: wkv's ("auto": the loop on CPU, chunked on CUDA; "ref": the loop).  rec: a Recorder, or None.
+        backend: wkv's ("auto": chunked where a gradient flows or on CUDA, else the loop; "ref": the loop).
+        rec: a Recorder to fill, or None.
         hf_state: transformers' five-tensor state, read and written in place when `state` is None.
     Returns: (output (b, l, e), the new RwkvState or None when not want_state).
     """
@@ -125,7 +126,7 @@ def rwkv_time_mix(module, hidden, state: RwkvState | None = None, mask=None, bac
     ct = compute_dtype(v)
     need_last = want_state or hf_state is not None
     request, how = _states_request(rec.states if rec is not None else None, need_last)
-    path = resolve_path(backend, v.device)
+    path = resolve_path(backend, v.device, needs_grad(module.time_decay, module.time_first, k, v))
     res = wkv(module.time_decay, module.time_first, k.to(ct), v.to(ct), carried, request, path)
     out, states = (res, None) if request is None else res
     recorded, last = _split_states(states, how)

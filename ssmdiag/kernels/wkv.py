@@ -17,11 +17,12 @@ float64 input), like transformers' state[2:5]; a fresh state is num = den = 0, m
 `wkv_ref` is the plain loop (transformers' order of operations); `wkv_chunked` the chunked form: inside a chunk of q
 tokens every target's weights over the chunk's sources and the incoming state are one masked (q × q) table of
 exponents, combined with their running max in one logsumexp-style pass, so a chunk costs O(q²·d) with no loop over
-tokens.  It does q times the loop's exponentials, which a CPU pays for: measured in one run (one thread, 512 tokens)
-the loop took 0.10 s at d = 2048 and 0.11 s at d = 256 against 1.30 s and 0.14 s chunked (q = 16; forward and
-backward together about equal), so `wkv` with backend "auto" runs the loop on CPU and the chunked form on CUDA,
-where one step of the loop is a dozen kernel launches (that routing is reasoned, not measured here).  Plain torch
-ops: autograd gives the backward.
+tokens.  It does q times the loop's exponentials but builds a graph q times smaller.  Measured in one run (CPU, one
+thread, 512 tokens; noisy, the machine was shared): a forward alone took 0.07-0.23 s by the loop against 0.07-0.37 s
+chunked (q = 8) for d = 256 ... 2560, the chunked form losing as d grows; a backward 0.64 / 0.60 / 0.99 s after the
+loop against 0.13 / 0.37 / 0.85 s chunked at d = 256 / 1024 / 2560.  So `wkv` with backend "auto" runs the chunked
+form where a gradient will flow (or on CUDA, where one step of the loop is a dozen kernel launches: reasoned, not
+measured here) and the loop otherwise.  Plain torch ops: autograd gives the backward.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 
 from .ref import compute_dtype, normalize_positions
 
-CHUNK = 16  # O(q²·d) memory per chunk: about q/10 times the loop's per-token tensors
+CHUNK = 8  # O(q²·d) memory per chunk; 8 was the fastest with a backward (module docstring)
 FRESH_MAX = -1e38  # the max of an empty state (transformers' rwkv_linear_attention_cpu)
 MAX_RATE = 1e30
 BACKENDS = ("auto", "torch", "cuda", "ref")
@@ -114,14 +115,19 @@ def _combine(lw: torch.Tensor, v: torch.Tensor, s_lw: torch.Tensor, num0, den0):
     return num, den, top
 
 
-def resolve_path(backend: str, device) -> str:
+def resolve_path(backend: str, device, grad: bool = False) -> str:
     """"ref" (the loop) or "torch" (chunked) for a backend: "ref" -> loop, "torch" / "cuda" -> chunked, "auto" ->
-    chunked on CUDA, the loop elsewhere (module docstring)."""
+    chunked on CUDA or when a gradient will flow (`grad`), the loop otherwise (module docstring)."""
     if backend not in BACKENDS:
         raise ValueError(f"wkv: backend {backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        return "torch" if torch.device(device).type == "cuda" else "ref"
+        return "torch" if grad or torch.device(device).type == "cuda" else "ref"
     return "ref" if backend == "ref" else "torch"
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will record an op on these tensors."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def wkv(time_decay, time_first, k, v, state=None, return_states=None, backend="auto", chunk: int = CHUNK):
@@ -133,7 +139,7 @@ def wkv(time_decay, time_first, k, v, state=None, return_states=None, backend="a
         chunk: q, tokens per chunk of the chunked path.
     Returns: as wkv_ref.
     """
-    if resolve_path(backend, k.device) == "ref":
+    if resolve_path(backend, k.device, needs_grad(time_decay, time_first, k, v)) == "ref":
         return wkv_ref(time_decay, time_first, k, v, state, return_states)
     return wkv_chunked(time_decay, time_first, k, v, state, return_states, chunk)
 
