@@ -7,8 +7,8 @@ API (used by every `--dry-run` and by `ssmdiag length`):
     est.peak_bytes, est.seconds_per_unit, est.unit, est.fits, est.options, est.inputs
 
 `estimate_command(command, shape, **cfg)` knows influence, smooth, robust, needle, polarize-train and length;
-`cfg` are the command's own numbers (seq_len, samples, targets, …; see each `_cost_*`).  Every number the
-formula used is in `est.inputs`, so a user (and docs/performance.md) can redo the sum.
+`cfg` are the command's own numbers (seq_len, samples, targets, …; see each `_cost_*`); every number the formula
+used is in `est.inputs`, so a user (and docs/performance.md) can redo the sum.
 
 The memory model (bytes; letters of docs/architecture.md, L_s SSM layers, L blocks, f = 4 float32 bytes):
 
@@ -48,8 +48,7 @@ KEEP = {"mamba1": 9.5, "mamba2": 10.0, "attention": 12.0,  # floats kept for bac
         "delta": 10.0, "delta_channel": 14.0}  # delta: around its kernel (estimate_delta.py has the kernel's), d = h·p
 TRN_NUMBA = 8.0  # one layer's backward transient in floats per token and channel (numba engines, cuda)
 T_M1 = 6.7  # (l, d, n) float32 tensors alive at once in the chunked Mamba-1 backward
-CKPT_KEEP = 1.0  # floats per block, token and e kept with per-block checkpointing (the block input; CPU needs
-#                  metrics/checkpoint.py's fixed mmap threshold, else glibc keeps the freed activations resident)
+CKPT_KEEP = 1.0  # floats per block, token and e kept with per-block checkpointing (the block input; CPU: checkpoint.py)
 KEEP_SSD = 3.5  # (l, h, q) float32 tensors the chunked SSD keeps per layer for the backward
 T_SSD = 7.0  # (l, h, q) float32 tensors alive at once in the chunked SSD backward
 FWD_K = 6.0  # one layer's no-grad forward transient, floats per token and channel
@@ -89,6 +88,7 @@ class ModelShape:
     vocab: int
     ssm_kind: str | None  # "mamba1" | "mamba2" | "delta" (gated delta rule, α per head) | "delta_channel" | None
     weight_bytes: int  # bytes per weight as loaded (--dtype auto: the checkpoint's own; presets float32)
+    recurrence: str | None = None  # a registered kind (kinds/), costed as "mamba1"
 
 
 @dataclass
@@ -168,7 +168,8 @@ def shape_of_model(model, name: str, weight_bytes: int | None = None) -> ModelSh
         chunk=int(getattr(mixer, "chunk_size", 256) or 256) if ad.ssm_kind == "mamba2" else
         ed.CHUNK if ad.ssm_kind == "delta" else 0,
         vocab=int(emb.num_embeddings), ssm_kind=None if not ad.is_ssm else ed.shape_kind(ad, mixer) if
-        ad.ssm_kind == "delta" else ("mamba2" if ad.ssm_kind == "mamba2" else "mamba1"), weight_bytes=int(weight_bytes))
+        ad.ssm_kind == "delta" else ("mamba2" if ad.ssm_kind == "mamba2" else "mamba1"), weight_bytes=int(weight_bytes),
+        recurrence=ad.recurrent_kind.kind if ad.recurrent_kind is not None else None)
 
 
 def _is_dir(spec: str) -> bool:
@@ -376,8 +377,8 @@ def estimate_command(command: str, shape: ModelShape, *, device: str = "auto", b
     kind, label = device_and_backend(device, backend)
     if engine is not None:
         label = engine if ":" in engine or engine in ("cuda", "ref") else f"torch:{engine}"
-    if ed.is_delta(shape) and label not in ("ref", "hf"):
-        label = "torch:chunked"  # the gated delta rule has one engine (no numba, no fused CUDA kernel)
+    if (ed.is_delta(shape) or shape.recurrence) and label not in ("ref", "hf"):
+        label = "torch:chunked"  # one engine: the chunked / parallel torch form (no numba, no fused CUDA kernel)
     budget = budget_bytes if budget_bytes is not None else memory_budget(kind)
     assumed = budget is None and kind == "cuda"
     budget = ASSUMED_GPU_MEMORY if assumed else budget
@@ -391,6 +392,7 @@ def estimate_command(command: str, shape: ModelShape, *, device: str = "auto", b
              if kind == "cpu" else [f"GPU seconds assume {rate:.1e} FLOP/s (unmeasured)"])
     if assumed:
         notes.append(f"no GPU here: fits/options are for {ASSUMED_GPU_MEMORY / 1e9:.0f} GB of GPU memory")
+    notes += [f"{shape.recurrence} layers costed as a Mamba-1 scan of their width (unmeasured)"] * bool(shape.recurrence)
     inputs.update(shape=asdict(shape), rate_flops_per_s=rate, R0=R0, engine=label)
     return Estimate(command=command, model=shape.name, device=kind, backend=label, peak_bytes=int(peak), unit=unit,
                     units=units, seconds_per_unit=seconds, seconds_total=seconds * units, budget_bytes=budget,
