@@ -5,7 +5,10 @@ Mamba-based hybrids, the pure SSMs, every other family tinyfamilies.RECURRENT_FA
 transformers goes through the real CLI, one test per (family, command).  Each run either exits 0 or exits 1 with
 exactly one `Error:` line that names the model type.  The Mamba-based families (hybrids and pure SSMs) must exit 0
 and show their SSM view in every command: A/Ā per SSM layer (info), per-layer rows (influence --per-layer), state
-columns (smooth), a passing carry check (needle), max |Δ logit| ≤ 1e-5 (polarize).  A view another family lacks is
+columns (smooth), a passing carry check (needle), max |Δ logit| ≤ 1e-5 (polarize).  The families ssmdiag
+computes beyond Mamba (READ_FAMILIES: gated delta rule, RG-LRU, RWKV, mLSTM, short conv) must exit 0 in info,
+influence, --per-layer, smooth and needle, with numbers checked against the checkpoint's own weights (each decay
+formula recomputed here from the saved tensors, independent of ssmdiag's adapters).  A view another family lacks is
 never a silent empty column: it is a note in result.json, and every note is also a line on stderr (even --quiet).
 The whole matrix takes ~1.5-2.5 min on 2 busy cores: checkpoints are saved once per session, flags are the smallest,
 and most figures are built but not rasterized (no_rendering).
