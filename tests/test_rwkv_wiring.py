@@ -142,7 +142,7 @@ def test_measured_bound_is_the_slowest_channels_rate(model):
     for layer, b in bounds.items():
         td = model.rwkv.blocks[layer].attention.time_decay.detach().double()
         assert b.rate == pytest.approx(float(td.exp().min())) and b.rows_within and 0 < b.excess <= 1
-        assert b.cell.startswith("≥ ") and b.cell.endswith(" ok")
+        assert b.cell.startswith("under e^(−") and b.cell.endswith(" ok")
 
 
 # --- smooth, needle, polarize ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def delta_bound_cell(b: Any) -> str:
         return b.cell
     if not b.holds:
         return f"none (β up to {f(b.beta_max, 3)})" + (" exceeded" if not b.rows_within else "")
-    return f"≥ {f(b.rate, 3)}" + (" ok" if b.rows_within else " VIOLATED")
+    return f"under e^(−{f(b.rate, 3)}·d)" + (" ok" if b.rows_within else " VIOLATED")
 
 
 def per_layer_tables(results: list[Any]) -> list[Table]:
@@ -35,7 +35,8 @@ def per_layer_tables(results: list[Any]) -> list[Table]:
         kb = next((ld.bound for ld in r.per_layer if hasattr(ld.bound, "cell")), None)  # a registered kind's
         title = f"{r.name}: closed-form decay per layer (Student-t across samples" + (
             f"; {kb.head}: {kb.note})" if kb is not None else
-            "; bound (∏ max α): delta layers' rows fall at least at −ln max α, every row checked ≤ it)" if delta
+            "; bound (∏ max α): every row checked under an envelope falling as (max α)^d = e^(−rate·d); the fitted rate "
+            "can be lower where rows sit far below the envelope)" if delta
             else ")")
         cols = ["layer", "shape", "rate/token", "95% CI", "half-life", "exponent", "95% CI"]
         rows = [(ld.layer, ld.shape, f(ld.decay_rate, 3) if ld.shape != "window" else "— (no decay)",

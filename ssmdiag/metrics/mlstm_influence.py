@@ -118,7 +118,7 @@ class MLSTMLayerBound:
 
     @property
     def cell(self) -> str:
-        return f"≥ {self.rate:.3g}, e^ĩ ≤ {math.exp(min(self.gate_max, 700)):.3g}" + (
+        return f"under e^(−{self.rate:.3g}·d), e^ĩ ≤ {math.exp(min(self.gate_max, 700)):.3g}" + (
             " ok" if self.rows_within else " VIOLATED")
 
 

@@ -121,12 +121,12 @@ class RwkvLayerBound:
     @property
     def cell(self) -> str:
         """The per-layer table's cell."""
-        return f"≥ {self.rate:.3g}" + (" ok" if self.rows_within else " VIOLATED")
+        return f"under e^(−{self.rate:.3g}·d)" + (" ok" if self.rows_within else " VIOLATED")
 
 
-BOUND_NOTE = ("RWKV rows fall at least at the slowest channel's static rate exp(time_decay) per token, times the key "
-              "factor e^(k_s − k_t − u): the output is normalised, so the decay bounds weights only relative to the "
-              "current token's bonus; every row checked ≤ it")
+BOUND_NOTE = ("every RWKV row checked under an envelope falling at the slowest channel's static rate exp(time_decay) "
+              "per token, times the key factor e^(k_s − k_t − u): the output is normalised, so the decay bounds weights "
+              "only relative to the current token's bonus; the fitted rate can be lower where rows sit far below it")
 
 
 def measure_rwkv_bounds(model, adapter, ids: torch.Tensor, targets, layers: list[int],
