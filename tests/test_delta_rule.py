@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+from parity import rel as _rel
 import torch
 import torch.nn.functional as F
 
@@ -268,10 +269,6 @@ def _model_and_layer(case):
         layer = next(m for m in model.modules() if delta_kind(m))
     _randomize(layer)
     return model, layer
-
-
-def _rel(a, b):
-    return float((a - b).detach().abs().max() / b.detach().abs().max())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -11,16 +11,13 @@ import torch
 
 from ssmdiag.kernels import mixer as mx
 from ssmdiag.kernels.delta_mixer import DeltaRecord, delta_kind
+from parity import assert_same_generation, rel as _rel
 from tinyfamilies import DELTA_FAMILIES, RECURRENT_FAMILIES, make_delta
 
 
 @pytest.fixture(scope="module", params=DELTA_FAMILIES)
 def delta_model(request):
     return request.param, make_delta(request.param)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def test_the_installed_transformers_has_delta_families():
@@ -75,17 +72,7 @@ def test_gradients_match_transformers(delta_model):
 
 def test_generate_gives_the_same_tokens(delta_model):
     _, model = delta_model
-    ids = torch.randint(3, 384, (1, 12), generator=torch.Generator().manual_seed(6))
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=1, output_scores=True, return_dict_in_generate=True)
-    ref = model.generate(ids, **kw)
-    mx.install(model, "auto")
-    try:
-        got = model.generate(ids, **kw)
-    finally:
-        mx.uninstall(model)
-    assert torch.equal(got.sequences, ref.sequences)
-    for a, b in zip(got.scores, ref.scores):
-        assert _rel(a, b) < 1e-4
+    assert_same_generation(model, torch.randint(3, 384, (1, 12), generator=torch.Generator().manual_seed(6)), 6, 1e-4)
 
 
 # --- adapters, info, influence --per-layer, needle's carry ------------------------------------------------

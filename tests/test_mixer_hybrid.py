@@ -8,6 +8,7 @@ import torch
 from ssmdiag.adapters import get_adapter
 from ssmdiag.kernels import mixer as mx
 from ssmdiag.metrics.prefill import ModelRunner, PrefixStates, check_state_carry
+from parity import assert_same_generation, installed, rel as _rel
 from tinyfamilies import HYBRID_KIND, MAMBA_HYBRIDS, make_hybrid
 
 FAMILIES = sorted(MAMBA_HYBRIDS)
@@ -16,10 +17,6 @@ FAMILIES = sorted(MAMBA_HYBRIDS)
 @pytest.fixture(scope="module", params=FAMILIES)
 def hybrid(request):
     return request.param, make_hybrid(request.param)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def test_every_ssm_layer_is_computed_by_ssmdiag(hybrid):
@@ -36,11 +33,8 @@ def test_logits_match_transformers(hybrid):
     ids = torch.randint(3, 384, (2, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-        mx.install(model, "auto")
-        try:
+        with installed(model):
             got = model(ids, use_cache=False).logits
-        finally:
-            mx.uninstall(model)
     assert _rel(got, ref) < 2e-6
 
 
@@ -102,14 +96,4 @@ def test_prefix_reuse_gives_the_same_state_as_a_fresh_prefill(hybrid):
 def test_generate_gives_the_same_tokens(hybrid):
     """model.generate with ssmdiag's mixers: the SSM state rides on transformers' cache object (exact greedy)."""
     _, model = hybrid
-    ids = torch.randint(3, 384, (1, 12), generator=torch.Generator().manual_seed(6))
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=1, output_scores=True, return_dict_in_generate=True)
-    ref = model.generate(ids, **kw)
-    mx.install(model, "auto")
-    try:
-        got = model.generate(ids, **kw)
-    finally:
-        mx.uninstall(model)
-    assert torch.equal(got.sequences, ref.sequences)
-    for a, b in zip(got.scores, ref.scores):
-        assert _rel(a, b) < 1e-4
+    assert_same_generation(model, torch.randint(3, 384, (1, 12), generator=torch.Generator().manual_seed(6)), 6, 1e-4)

@@ -11,6 +11,7 @@ from ssmdiag.kernels import mixer as mx
 from ssmdiag.kernels.mlstm import MLSTMState, log_forget, mlstm_scan, mlstm_scan_ref
 from ssmdiag.kernels.mlstm_layer import MLSTMRecord
 from ssmdiag.metrics.mlstm_influence import mlstm_attention_rows, mlstm_layer_rows, mlstm_row_bound
+from parity import rel as _rel
 from tinyfamilies import RECURRENT_FAMILIES, make_tiny
 
 pytestmark = pytest.mark.skipif("xlstm" not in RECURRENT_FAMILIES, reason="this transformers has no xLSTM")
@@ -24,10 +25,6 @@ def _cell(b=2, l=37, h=3, n=4, p=5, seed=0, dtype=torch.float64, gate_scale=3.0)
     i_pre = torch.randn(b, l, h, generator=g, dtype=dtype) * gate_scale
     log_f = log_forget(torch.randn(b, l, h, generator=g, dtype=dtype) * 3 + 1)
     return q, k, v, i_pre, log_f
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])

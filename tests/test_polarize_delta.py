@@ -16,6 +16,7 @@ from ssmdiag.kernels import mixer as mx
 from ssmdiag.polarize.masks import new_entry_masks, polarized_masks
 from ssmdiag.polarize.record import A_LOG_ONE, A_LOG_ZERO, abar_check
 from ssmdiag.polarize.surgery import polarize_model
+from parity import rel as _rel
 from tinyfamilies import RECURRENT_FAMILIES, make_tiny, make_tiny_config, save_tiny
 
 CANDIDATES = ("qwen3_5_text", "qwen3_next", "olmo_hybrid", "kimi_linear")
@@ -44,10 +45,6 @@ def _ids(vocab: int, length: int = 70, seed: int = 3) -> torch.Tensor:
 @torch.no_grad()
 def _logits(model, ids):
     return model(input_ids=ids, use_cache=False).logits.float()
-
-
-def _rel(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @torch.no_grad()

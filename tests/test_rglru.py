@@ -8,6 +8,7 @@ import torch
 
 from ssmdiag.kernels import mixer as mx
 from ssmdiag.kernels.rglru import RGLRURecord, RGLRUState, rglru_scan, rglru_scan_ref
+from parity import assert_same_generation, installed, rel as _rel
 from tinyfamilies import RECURRENT_FAMILIES, make_tiny
 
 pytestmark = pytest.mark.skipif("recurrent_gemma" not in RECURRENT_FAMILIES,
@@ -34,10 +35,6 @@ def make_rglru(seed: int = 0):
 @pytest.fixture(scope="module")
 def model():
     return make_rglru()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 # --- the scan ---------------------------------------------------------------------------------------------
@@ -96,11 +93,8 @@ def test_logits_match_transformers(model, backend):
     ids = torch.randint(3, 384, (2, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-        mx.install(model, backend)
-        try:
+        with installed(model, backend):
             got = model(ids, use_cache=False).logits
-        finally:
-            mx.uninstall(model)
     assert _rel(got, ref) < 1e-5
 
 
@@ -149,17 +143,7 @@ def test_gradients_match_transformers(model):
 
 
 def test_generate_gives_the_same_tokens(model):
-    ids = torch.randint(3, 384, (1, 12), generator=torch.Generator().manual_seed(6))
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=1, output_scores=True, return_dict_in_generate=True)
-    ref = model.generate(ids, **kw)
-    mx.install(model, "auto")
-    try:
-        got = model.generate(ids, **kw)
-    finally:
-        mx.uninstall(model)
-    assert torch.equal(got.sequences, ref.sequences)
-    for a, b in zip(got.scores, ref.scores):
-        assert _rel(a, b) < 1e-4
+    assert_same_generation(model, torch.randint(3, 384, (1, 12), generator=torch.Generator().manual_seed(6)), 8, 1e-4)
 
 
 @pytest.mark.parametrize("split", [1, 5, 7, 16])

@@ -9,6 +9,7 @@ import torch
 from ssmdiag.kernels import mixer as mx
 from ssmdiag.kernels.rwkv import RwkvRecord
 from ssmdiag.kernels.wkv import fresh_state, resolve_path, wkv, wkv_chunked, wkv_ref
+from parity import assert_same_generation, installed, rel as _rel
 from tinyfamilies import RECURRENT_FAMILIES, make_tiny
 
 pytestmark = pytest.mark.skipif("rwkv" not in RECURRENT_FAMILIES, reason="no RWKV in this transformers")
@@ -35,10 +36,6 @@ def make_rwkv(seed: int = 0, rescale_every: int = 0):
 @pytest.fixture(scope="module")
 def model():
     return make_rwkv()
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _ids(n: int, seed: int, batch: int = 1) -> torch.Tensor:
@@ -157,13 +154,10 @@ def test_transformers_state_argument_continues_exactly(model):
     ids = _ids(30, 2)
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-        mx.install(model)
-        try:
+        with installed(model):
             first = model(ids[:, :11], use_cache=True)
             second = model(ids[:, 11:12], state=first.state, use_cache=True)
             third = model(ids[:, 12:], state=second.state, use_cache=True)
-        finally:
-            mx.uninstall(model)
     assert _rel(torch.cat([first.logits, second.logits, third.logits], 1), ref) < 1e-5
 
 
@@ -191,17 +185,7 @@ def test_gradients_match_transformers(model):
 
 
 def test_generate_gives_the_same_tokens(model):
-    ids = _ids(12, 6)
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=1, output_scores=True, return_dict_in_generate=True)
-    ref = model.generate(ids, **kw)
-    mx.install(model, "auto")
-    try:
-        got = model.generate(ids, **kw)
-    finally:
-        mx.uninstall(model)
-    assert torch.equal(got.sequences, ref.sequences)
-    for a, b in zip(got.scores, ref.scores):
-        assert _rel(a, b) < 1e-4
+    assert_same_generation(model, _ids(12, 6), 8, 1e-4)
 
 
 @pytest.mark.parametrize("split", [1, 5, 7, 16])
@@ -229,9 +213,6 @@ def test_the_ref_backend_equals_the_chunked_one(model):
         ref = model(ids, use_cache=False).logits
         outs = []
         for backend in ("ref", "torch"):
-            mx.install(model, backend)
-            try:
+            with installed(model, backend):
                 outs.append(model(ids, use_cache=False).logits)
-            finally:
-                mx.uninstall(model)
     assert _rel(outs[0], ref) < 1e-6 and _rel(outs[1], ref) < 1e-5

@@ -11,6 +11,7 @@ import torch
 
 from ssmdiag.kernels import mixer as mx
 from ssmdiag.kernels.shortconv import CLASSES, ShortConvRecord, ShortConvState, short_conv, short_conv_ref
+from parity import assert_same_generation, installed, rel as _rel
 from tinyfamilies import RECURRENT_FAMILIES, make_tiny_config
 
 LFM_FAMILIES = [f for f in ("lfm2", "lfm2_moe", "lfm3") if f in RECURRENT_FAMILIES]
@@ -56,10 +57,6 @@ def make_lfm(family: str, seed: int = 0):
 @pytest.fixture(scope="module", params=LFM_PARAMS)
 def lfm_model(request):
     return request.param, make_lfm(request.param)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def test_the_installed_transformers_has_lfm_families():
@@ -113,11 +110,8 @@ def test_the_ref_backend_gives_the_same_logits(lfm_model):
     ids = torch.randint(3, 384, (1, 23), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits
-        mx.install(model, "ref")
-        try:
+        with installed(model, "ref"):
             got = model(ids, use_cache=False).logits
-        finally:
-            mx.uninstall(model)
     assert _rel(got, ref) < 1e-5
 
 
@@ -146,17 +140,7 @@ def test_gradients_match_transformers(lfm_model):
 def test_generate_gives_the_same_tokens(lfm_model):
     """transformers passes its own cache; the installed layers keep their tails in a StateCarry tied to it."""
     _, model = lfm_model
-    ids = torch.randint(3, 384, (1, 12), generator=torch.Generator().manual_seed(6))
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=1, output_scores=True, return_dict_in_generate=True)
-    ref = model.generate(ids, **kw)
-    mx.install(model, "auto")
-    try:
-        got = model.generate(ids, **kw)
-    finally:
-        mx.uninstall(model)
-    assert torch.equal(got.sequences, ref.sequences)
-    for a, b in zip(got.scores, ref.scores):
-        assert _rel(a, b) < 1e-5
+    assert_same_generation(model, torch.randint(3, 384, (1, 12), generator=torch.Generator().manual_seed(6)), 8, 1e-5)
 
 
 def test_generate_with_left_padding_gives_the_same_tokens(lfm_model):
@@ -167,11 +151,8 @@ def test_generate_with_left_padding_gives_the_same_tokens(lfm_model):
     mask[1, :4], ids[1, :4] = 0, 1
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=1, attention_mask=mask)
     ref = model.generate(ids, **kw)
-    mx.install(model, "auto")
-    try:
+    with installed(model):
         got = model.generate(ids, **kw)
-    finally:
-        mx.uninstall(model)
     assert torch.equal(got, ref)
 
 
