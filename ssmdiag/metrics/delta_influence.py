@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.delta_mixer import DeltaRecord, describe, zero_input_decay
+from .layer_rows import recorded_layers, register_bounds, row_excess
 
 
 def _value_heads(q, k, g, beta):
@@ -215,9 +216,7 @@ class DeltaBoundAccumulator:
         beta = record.beta.double()
         self.beta_max, self.beta_min = max(self.beta_max, float(beta.max())), min(self.beta_min, float(beta.min()))
         self.k_max = max(self.k_max, float(record.k.double().norm(dim=-1).max()))
-        bound = delta_row_bound(record, targets).cpu()
-        ratio = rows.double().cpu() / bound.clamp_min(1e-300)
-        self.excess = max(self.excess, float(torch.where(rows.double().cpu() > 0, ratio, torch.zeros_like(ratio)).max()))
+        self.excess = max(self.excess, row_excess(rows, delta_row_bound(record, targets).cpu()))
 
     def result(self) -> DeltaLayerBound:
         holds = self.beta_min >= 0 and self.beta_max <= BETA_LIMIT and self.beta_limit <= BETA_LIMIT and \
@@ -240,22 +239,16 @@ def measure_delta_bounds(model, adapter, ids: torch.Tensor, targets, layers: lis
         layers: the layer index of each entry of layer_rows (hidden_attention.per_layer_rows' order).
         layer_rows: (layers, samples, T, l) the rows per_layer_rows measured.
     """
-    from ..kernels.mixer import record
-
-    device = adapter.embedding().weight.device
     acc: dict[int, DeltaBoundAccumulator] = {}
-    for i in range(ids.shape[0]):
-        with torch.no_grad(), record(model, params=True) as rec:
-            adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
-        for k, layer in enumerate(layers):
-            lr = rec.layers.get(layer)
-            if not isinstance(lr, DeltaRecord):
-                continue
-            if layer not in acc:
-                lay = describe(adapter.ssm_mixer(adapter.blocks()[layer]))
-                acc[layer] = DeltaBoundAccumulator(layer, lay.kind, lay.beta_scale)
-            acc[layer].add(lr, torch.as_tensor(layer_rows[k, i])[None], targets)
+    for k, i, layer, lr in recorded_layers(model, adapter, ids, layers, DeltaRecord):
+        if layer not in acc:
+            lay = describe(adapter.ssm_mixer(adapter.blocks()[layer]))
+            acc[layer] = DeltaBoundAccumulator(layer, lay.kind, lay.beta_scale)
+        acc[layer].add(lr, torch.as_tensor(layer_rows[k, i])[None], targets)
     return {layer: a.result() for layer, a in acc.items()}
+
+
+register_bounds("delta", measure_delta_bounds)
 
 
 @dataclass

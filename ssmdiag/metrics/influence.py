@@ -32,7 +32,7 @@ import torch
 from ..errors import SsmdiagError
 from .influence_fit import (DecayFit, InfluenceCurve, PowerLawFit, aggregate_curve, common_distance, fit_bands,
                             fit_decay, fit_power_law, near_share, rows_by_distance, sample_curves, select_shape)
-from .delta_influence import DeltaLayerBound, measure_delta_bounds
+from .delta_influence import DeltaLayerBound
 from .hidden_attention import layer_alpha as _layer_alpha, per_layer_rows  # noqa: F401  (closed form: there)
 from .layer_rows import bounds_for
 from .spectrum import DecayBound, slowest_channel_rates, summarize_bound
@@ -354,11 +354,7 @@ def measure_influence(loaded: Any, ids: torch.Tensor, cfg: InfluenceConfig,
         t1 = time.perf_counter()
         which, layer_rows = per_layer_rows(loaded.model, loaded.adapter, ids, cfg.targets)
         layers = summarize_layers(layer_rows, cfg.targets, cfg.fit_range, cfg.statistic, cfg.seed, which)
-        if loaded.adapter.ssm_kind == "delta":  # each delta layer's ∏ max α bound, checked against its rows
-            bounds = measure_delta_bounds(loaded.model, loaded.adapter, ids, cfg.targets, which, layer_rows)
-            for ld in layers:
-                ld.bound = bounds.get(ld.layer)
-        elif (measure := bounds_for(loaded.adapter.ssm_kind)) is not None:  # a registered kind's (layer_rows.py)
+        if (measure := bounds_for(loaded.adapter.ssm_kind)) is not None:  # each layer's bound, checked on its rows
             bounds = measure(loaded.model, loaded.adapter, ids, cfg.targets, which, layer_rows)
             for ld in layers:
                 ld.bound = bounds.get(ld.layer)

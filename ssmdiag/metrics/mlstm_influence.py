@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.mlstm_layer import MLSTMRecord
-from .layer_rows import register_bounds, register_rows
+from .layer_rows import recorded_layers, register_bounds, register_rows, row_excess
 
 ROW_REL_TOL = 1e-9  # rows and their bound are both float64 from the same recorded tensors: only rounding apart
 
@@ -126,28 +126,17 @@ def measure_mlstm_bounds(model, adapter, ids: torch.Tensor, targets, layers: lis
                          layer_rows) -> dict[int, MLSTMLayerBound]:
     """The bound of every mLSTM layer among `layers`, checked against its measured rows (one recorded forward per
     sample, no gradients).  Arguments as delta_influence.measure_delta_bounds."""
-    from ..kernels.mixer import record
-
-    device = adapter.embedding().weight.device
     top: dict[int, float] = {}
     gate: dict[int, float] = {}
     sums: dict[int, list] = {}
     excess: dict[int, float] = {}
-    for i in range(ids.shape[0]):
-        with torch.no_grad(), record(model, params=True) as rec:
-            adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
-        for k, layer in enumerate(layers):
-            lr = rec.layers.get(layer)
-            if not isinstance(lr, MLSTMRecord):
-                continue
-            log_f = lr.log_f.double().cpu()                                        # (b, l, h)
-            top[layer] = max(top.get(layer, -math.inf), float(log_f.max()))
-            gate[layer] = max(gate.get(layer, -math.inf), float(lr.i_pre.max()))
-            sums.setdefault(layer, []).append(log_f.mean(dim=(0, 1)))
-            rows = torch.as_tensor(layer_rows[k, i])[None].double()
-            bound = mlstm_row_bound(lr, targets).cpu()
-            ratio = torch.where(rows > 0, rows / bound.clamp_min(1e-300), torch.zeros_like(rows))
-            excess[layer] = max(excess.get(layer, 0.0), float(ratio.max()))
+    for k, i, layer, lr in recorded_layers(model, adapter, ids, layers, MLSTMRecord):
+        log_f = lr.log_f.double().cpu()                                            # (b, l, h)
+        top[layer] = max(top.get(layer, -math.inf), float(log_f.max()))
+        gate[layer] = max(gate.get(layer, -math.inf), float(lr.i_pre.max()))
+        sums.setdefault(layer, []).append(log_f.mean(dim=(0, 1)))
+        rows = torch.as_tensor(layer_rows[k, i])[None].double()
+        excess[layer] = max(excess.get(layer, 0.0), row_excess(rows, mlstm_row_bound(lr, targets).cpu()))
     return {layer: MLSTMLayerBound(layer=layer, rate=-top[layer],
                                    rate_mean=-float(torch.stack(sums[layer]).mean(0).max()), gate_max=gate[layer],
                                    rows_within=excess[layer] <= 1 + ROW_REL_TOL, excess=excess[layer])

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.rglru import RGLRURecord
-from .layer_rows import register_bounds, register_rows
+from .layer_rows import recorded_layers, register_bounds, register_rows, row_excess
 
 ROW_REL_TOL = 1e-9  # rows and bound come from the same float64 tensors: only rounding apart
 
@@ -123,26 +123,15 @@ def measure_rglru_bounds(model, adapter, ids: torch.Tensor, targets, layers: lis
                          layer_rows) -> dict[int, RGLRULayerBound]:
     """The bound of every RG-LRU layer among `layers`, checked against its measured rows (one recorded forward per
     sample, no gradients).  Arguments as delta_influence.measure_delta_bounds."""
-    from ..kernels.mixer import record
-
-    device = adapter.embedding().weight.device
     top: dict[int, float] = {}
     sums: dict[int, torch.Tensor] = {}
     excess: dict[int, float] = {}
-    for i in range(ids.shape[0]):
-        with torch.no_grad(), record(model, params=True) as rec:
-            adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
-        for k, layer in enumerate(layers):
-            lr = rec.layers.get(layer)
-            if not isinstance(lr, RGLRURecord):
-                continue
-            log_a = lr.a.double().clamp_min(1e-300).log().amax(dim=-1).cpu()            # (b, l): slowest channel
-            top[layer] = max(top.get(layer, -float("inf")), float(log_a.max()))
-            sums[layer] = torch.cat([sums.get(layer, log_a.new_zeros(0)), log_a.flatten()])
-            rows = torch.as_tensor(layer_rows[k, i])[None].double()
-            bound = rglru_row_bound(lr, targets).cpu()
-            ratio = torch.where(rows > 0, rows / bound.clamp_min(1e-300), torch.zeros_like(rows))
-            excess[layer] = max(excess.get(layer, 0.0), float(ratio.max()))
+    for k, i, layer, lr in recorded_layers(model, adapter, ids, layers, RGLRURecord):
+        log_a = lr.a.double().clamp_min(1e-300).log().amax(dim=-1).cpu()                # (b, l): slowest channel
+        top[layer] = max(top.get(layer, -float("inf")), float(log_a.max()))
+        sums[layer] = torch.cat([sums.get(layer, log_a.new_zeros(0)), log_a.flatten()])
+        rows = torch.as_tensor(layer_rows[k, i])[None].double()
+        excess[layer] = max(excess.get(layer, 0.0), row_excess(rows, rglru_row_bound(lr, targets).cpu()))
     return {layer: RGLRULayerBound(layer=layer, rate=-top[layer], rate_mean=-float(sums[layer].mean()),
                                    rows_within=excess[layer] <= 1 + ROW_REL_TOL, excess=excess[layer])
             for layer in top}

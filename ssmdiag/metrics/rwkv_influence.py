@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..kernels.rwkv import RwkvRecord
-from .layer_rows import register_bounds, register_rows
+from .layer_rows import recorded_layers, register_bounds, register_rows, row_excess
 
 ROW_REL_TOL = 1e-9  # rows and bound are float64 from the same recorded tensors: only rounding apart
 
@@ -136,27 +136,16 @@ def measure_rwkv_bounds(model, adapter, ids: torch.Tensor, targets, layers: list
     One recorded forward per sample (kernels.mixer.record, params=True), no gradients.  Args as
     metrics.delta_influence.measure_delta_bounds: layer_rows (layers, samples, T, l) in `layers` order.
     """
-    from ..kernels.mixer import record
-
-    device = adapter.embedding().weight.device
     rate: dict[int, float] = {}
     factor: dict[int, float] = {}
     excess: dict[int, float] = {}
-    for i in range(ids.shape[0]):
-        with torch.no_grad(), record(model, params=True) as rec:
-            adapter.base()(input_ids=ids[i: i + 1].to(device), use_cache=False)
-        for k, layer in enumerate(layers):
-            lr = rec.layers.get(layer)
-            if not isinstance(lr, RwkvRecord):
-                continue
-            bound = rwkv_row_bound(lr, targets).cpu()
-            rows = torch.as_tensor(np.asarray(layer_rows[k, i]), dtype=torch.float64)[None]
-            ratio = torch.where(rows > 0, rows / bound.clamp_min(1e-300), torch.zeros_like(rows))
-            excess[layer] = max(excess.get(layer, 0.0), float(ratio.max()))
-            rate[layer] = float(-lr.w.double().max())
-            kk = lr.k.double()[0]                                                             # (l, d)
-            lift = (kk.cummax(dim=0).values[:-1] - kk[1:] - lr.u.double()).max() if kk.shape[0] > 1 else -np.inf
-            factor[layer] = max(factor.get(layer, -np.inf), float(lift))
+    for k, i, layer, lr in recorded_layers(model, adapter, ids, layers, RwkvRecord):
+        rows = torch.as_tensor(np.asarray(layer_rows[k, i]), dtype=torch.float64)[None]
+        excess[layer] = max(excess.get(layer, 0.0), row_excess(rows, rwkv_row_bound(lr, targets).cpu()))
+        rate[layer] = float(-lr.w.double().max())
+        kk = lr.k.double()[0]                                                                 # (l, d)
+        lift = (kk.cummax(dim=0).values[:-1] - kk[1:] - lr.u.double()).max() if kk.shape[0] > 1 else -np.inf
+        factor[layer] = max(factor.get(layer, -np.inf), float(lift))
     return {layer: RwkvLayerBound(layer=layer, rate=rate[layer], key_factor=factor[layer],
                                   rows_within=excess[layer] <= 1 + ROW_REL_TOL, excess=excess[layer], note=BOUND_NOTE)
             for layer in rate}
