@@ -50,11 +50,11 @@ def test_info_decay_is_the_static_per_channel_factor(model):
 
 
 def test_info_on_the_meta_device_gives_the_init_decay():
-    """On meta, the decay comes from the init's time_decay: exactly what from_config's init sets."""
+    """On meta, the loader materialises time_decay with transformers' own init: exactly what from_config sets."""
     from transformers import AutoModelForCausalLM
 
     from ssmdiag.adapters import get_adapter
-    from ssmdiag.kinds.rwkv import init_time_decay
+    from ssmdiag.loading import _materialize_ssm_parameters
     from ssmdiag.metrics.summary import summarize_model
     from tinyfamilies import make_tiny_config
 
@@ -63,11 +63,12 @@ def test_info_on_the_meta_device_gives_the_init_decay():
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
     real = AutoModelForCausalLM.from_config(config)
+    _materialize_ssm_parameters(meta, 0)
     s = summarize_model(get_adapter(meta))
     assert [la.layer for la in s.layers_a] == [0, 1, 2]
     for la, block, rb in zip(s.layers_a, meta.rwkv.blocks, real.rwkv.blocks):
         want = rb.attention.time_decay.detach().double()
-        torch.testing.assert_close(init_time_decay(block.attention), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(block.attention.time_decay.detach().double(), want, rtol=1e-6, atol=1e-6)
         assert la.abar_max == pytest.approx(float(torch.exp(-want.exp()).max()), rel=1e-6)
 
 

@@ -26,20 +26,12 @@ def _sizes(module) -> dict:
     return {"d_inner": _width(module), "d_state": 2}
 
 
-def init_time_decay(module) -> torch.Tensor:
-    """time_decay as transformers' init sets it (RwkvPreTrainedModel._init_weights), float64 (d,): the values a
-    meta-device model (info on a preset) would get, −5 + 8·(i/(d−1))^(0.7 + 1.3·layer/(layers−1))."""
-    d, layers = _width(module), int(module.config.num_hidden_layers)
-    ratio = module.layer_id / max(layers - 1, 1)
-    i = torch.arange(d, dtype=torch.float64)
-    return -5 + 8 * (i / max(d - 1, 1)) ** (0.7 + 1.3 * ratio)
-
-
-def _decay(module) -> torch.Tensor:
-    """exp(−exp(time_decay)) per channel, float64 (d,); on the meta device from the init's time_decay."""
-    td = module.time_decay
-    td = init_time_decay(module) if td.is_meta else td.detach().double()
-    return torch.exp(-torch.exp(td))
+def _decay(module) -> torch.Tensor | None:
+    """exp(−exp(time_decay)) per channel, float64 (d,); None on the meta device (the loader materialises time_decay
+    with transformers' own init first: decay_params)."""
+    if module.time_decay.is_meta:
+        return None
+    return torch.exp(-torch.exp(module.time_decay.detach().double()))
 
 
 # why polarize refuses RWKV (one line): neither pole of the decay is the paper's Ā ≡ 1 / Ā ≡ 0 pair
@@ -55,4 +47,5 @@ register(RecurrentKind(
     decay_rule=("e^w = exp(−exp(time_decay)) per channel: static, exact at every token (no input enters it); the "
                 "output is normalised (a ratio), so e^w sets past tokens' weights relative to each other and to the "
                 "current token's bonus, not an absolute forgetting"),
-    decay_unit="channel", norm_paths=("ln1",), final_norms=("ln_out",), polarize=POLARIZE))
+    decay_unit="channel", norm_paths=("ln1",), final_norms=("ln_out",), decay_params=("time_decay",),
+    polarize=POLARIZE))
